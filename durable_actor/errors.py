@@ -29,6 +29,8 @@ class EmbeddedServerError(DurableActorError):
 class StepError(DurableActorError):
     """A workflow step failed; the message is what the node records."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, sqlstate: str | None = None,
+                 retryable: bool = False) -> None:
         super().__init__(message)
+        self.sqlstate = sqlstate
         self.retryable = retryable

@@ -14,6 +14,16 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA df REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 CREATE FUNCTION df._current_role() RETURNS regrole
 LANGUAGE sql STABLE AS $$ SELECT oid::regrole FROM pg_catalog.pg_roles WHERE rolname = current_user $$;
 
+-- May the calling role see an instance submitted by `p_owner`? Its own, or all for superusers
+-- and for the schema owner (the runtime). Row-level security policies use the same rule.
+CREATE FUNCTION df._sees(p_owner regrole) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT p_owner = df._current_role()
+        OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)
+        OR pg_catalog.pg_has_role(current_user,
+               (SELECT nspowner FROM pg_catalog.pg_namespace WHERE nspname = 'df'), 'MEMBER')
+$$;
+
 -- SQL-visible policy that an administrator edits (SPEC §11). Runtime-only settings
 -- (pool sizes, poll intervals) come from flags and DURABLE_ACTOR_* instead.
 CREATE TABLE df.settings (
