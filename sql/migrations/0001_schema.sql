@@ -14,15 +14,20 @@ ALTER DEFAULT PRIVILEGES IN SCHEMA df REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 CREATE FUNCTION df._current_role() RETURNS regrole
 LANGUAGE sql STABLE AS $$ SELECT oid::regrole FROM pg_catalog.pg_roles WHERE rolname = current_user $$;
 
--- May the calling role see an instance submitted by `p_owner`? Its own, or all for superusers
--- and for the schema owner (the runtime). Row-level security policies use the same rule.
-CREATE FUNCTION df._sees(p_owner regrole) RETURNS boolean
+-- May role p_viewer see instances submitted by p_owner? Its own; all for superusers and for
+-- members of the schema owner (the runtime). Row-level security policies use the same rule.
+CREATE FUNCTION df._role_sees(p_viewer regrole, p_owner regrole) RETURNS boolean
 LANGUAGE sql STABLE AS $$
-    SELECT p_owner = df._current_role()
-        OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)
-        OR pg_catalog.pg_has_role(current_user,
+    SELECT p_owner = p_viewer
+        OR (SELECT rolsuper FROM pg_catalog.pg_roles WHERE oid = p_viewer)
+        OR pg_catalog.pg_has_role(p_viewer,
                (SELECT nspowner FROM pg_catalog.pg_namespace WHERE nspname = 'df'), 'MEMBER')
 $$;
+
+-- May the current role see them? Note: inside a SECURITY DEFINER function current_user is
+-- the owner, so such functions must use _role_sees with an identity they have verified.
+CREATE FUNCTION df._sees(p_owner regrole) RETURNS boolean
+LANGUAGE sql STABLE AS $$ SELECT df._role_sees(df._current_role(), p_owner) $$;
 
 -- SQL-visible policy that an administrator edits (SPEC §11). Runtime-only settings
 -- (pool sizes, poll intervals) come from flags and DURABLE_ACTOR_* instead.
@@ -60,6 +65,8 @@ CREATE TABLE df.instances (
     vars            jsonb NOT NULL DEFAULT '{}',
     names           jsonb NOT NULL DEFAULT '{}',
     execution_count integer NOT NULL DEFAULT 1,
+    inbox           jsonb NOT NULL DEFAULT '[]',   -- signals received before their wait
+    seq             bigint NOT NULL DEFAULT 0,     -- last node activation issued
     finished_at     timestamptz
 );
 CREATE INDEX instances_created_at ON df.instances (created_at DESC, id);
@@ -90,6 +97,8 @@ CREATE TABLE df.nodes (
     parent_node     text,
     position        integer NOT NULL DEFAULT 0,   -- pre-order index in the graph
     activation      bigint NOT NULL DEFAULT 0,    -- fencing token of the node's current run
+    result_text     text,   -- the result as produced (jsonb reorders object keys; $name needs
+                            -- the first column of the first row in select-list order)
     PRIMARY KEY (instance_id, id)
 ) WITH (fillfactor = 80);
 
@@ -127,7 +136,7 @@ CREATE TABLE df.mailbox (
     kind        text NOT NULL,
     node_id     text,
     activation  bigint,
-    payload     jsonb,
+    payload     text,          -- JSON text: results keep their key order
     created_at  timestamptz NOT NULL DEFAULT now()
 ) WITH (fillfactor = 70, autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 200);
 CREATE INDEX mailbox_instance ON df.mailbox (instance_id, id);

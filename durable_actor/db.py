@@ -1,0 +1,121 @@
+"""Connections: opening them for a runtime role, LISTEN with reconnect, error classification.
+
+NOTIFY is only a wake-up hint here: every loop also polls, so a lost notification (or a
+LISTEN connection that died and came back) costs latency, never work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import sql
+
+log = structlog.get_logger()
+
+# SQLSTATE classes after which a connection should be thrown away and opened again.
+_RECONNECT_CLASSES = ("08", "53", "57P")
+# SQLSTATEs after which the transaction can simply be retried.
+_RETRY_STATES = frozenset({"40001", "40P01"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors that say nothing about the work itself: reconnect (or retry) and do it again."""
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) and not isinstance(
+            exc, psycopg.errors.QueryCanceled):
+        return True
+    state = getattr(exc, "sqlstate", None) or ""
+    return state in _RETRY_STATES or state.startswith(_RECONNECT_CLASSES)
+
+
+def needs_reconnect(exc: BaseException, conn: psycopg.AsyncConnection[Any] | None) -> bool:
+    if conn is None or conn.closed or conn.broken:
+        return True
+    state = getattr(exc, "sqlstate", None) or ""
+    return state.startswith(_RECONNECT_CLASSES) or isinstance(exc, psycopg.InterfaceError)
+
+
+async def connect(dsn: str, *, role: str, autocommit: bool = False,
+                  options: dict[str, str] | None = None) -> psycopg.AsyncConnection[Any]:
+    """Open a connection tagged with the runtime role (visible in pg_stat_activity)."""
+    conn = await psycopg.AsyncConnection.connect(
+        dsn, autocommit=autocommit, application_name=f"durable-actor {role}",
+        prepare_threshold=None)
+    for name, value in (options or {}).items():
+        await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+    if not autocommit:
+        await conn.commit()
+    return conn
+
+
+class Backoff:
+    """Exponential back-off with full jitter, for reconnect loops."""
+
+    def __init__(self, first: float = 0.05, cap: float = 5.0) -> None:
+        self.first = first
+        self.cap = cap
+        self.attempt = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.first * (2 ** self.attempt))
+        self.attempt += 1
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Listener:
+    """A dedicated autocommit connection LISTENing on channels; sets `wake` on each notify.
+
+    Reconnects with back-off when the connection dies and sets `wake` after each reconnect,
+    so the owning loop polls once for anything it may have missed.
+    """
+
+    def __init__(self, dsn: str, channels: Iterable[str], *, role: str) -> None:
+        self.dsn = dsn
+        self.channels = tuple(channels)
+        self.role = role
+        self.wake = asyncio.Event()
+        self.payloads: list[tuple[str, str]] = []
+        self.keep_payloads = False
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        while True:
+            conn: psycopg.AsyncConnection[Any] | None = None
+            try:
+                conn = await connect(self.dsn, role=self.role + " listener", autocommit=True)
+                for ch in self.channels:
+                    await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(ch)))
+                backoff.reset()
+                self.wake.set()
+                async for note in conn.notifies():
+                    if self.keep_payloads:
+                        self.payloads.append((note.channel, note.payload))
+                    self.wake.set()
+            except asyncio.CancelledError:
+                raise
+            except psycopg.Error as exc:
+                delay = backoff.next()
+                log.warning("listen_reconnect", error=str(exc), retry_in=round(delay, 3))
+                await asyncio.sleep(delay)
+            finally:
+                if conn is not None:
+                    await conn.close()
+
+    async def wait(self, timeout: float) -> None:
+        """Wait for a notification or `timeout` seconds, whichever comes first."""
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        except TimeoutError:
+            pass
+        self.wake.clear()
+
+    def take_payloads(self) -> list[tuple[str, str]]:
+        out, self.payloads = self.payloads, []
+        return out

@@ -1,0 +1,592 @@
+"""The engine: ``transition(state, message) -> (state, effects)``, a pure function.
+
+An instance is an actor. Its state is its graph nodes (each with a status, a result and an
+*activation* number) plus instance-level fields (status, named results, variables, signal
+inbox). The dispatcher loads the state, feeds it the instance's mailbox messages one by one,
+and writes back the nodes that changed and the effects, all in one transaction. Nothing here
+does I/O or reads a clock: time arrives in each message.
+
+How a graph runs
+----------------
+``activate(node)`` gives the node a fresh activation number and starts it:
+
+- SQL / HTTP  → effect ``RunStep``; an executor answers with a ``StepDone`` message.
+- SLEEP, WAIT_SCHEDULE → effect ``StartTimer``; the timer answers with ``TimerFired``.
+- SIGNAL      → takes the oldest matching signal from the inbox, or waits for a ``Signal``
+  message (and arms a timer when it has a timeout).
+- THEN, IF, JOIN, RACE, LOOP → activate their children in their order.
+- BREAK       → finishes the innermost running loop above it.
+
+When a node finishes, its parent decides what happens next (``_child_finished``), up to the
+root, whose end ends the instance.
+
+Fencing
+-------
+Every message about a node carries the activation it was issued for. A message whose node is
+no longer running under that activation (a loop moved on, a race was decided, the instance
+was cancelled) is stale and ignored, so duplicate or late deliveries never change the outcome.
+
+Bounded state
+-------------
+A loop resets its body's nodes for each iteration instead of adding rows; the signal inbox
+only holds signals not yet taken. An eternal loop therefore keeps a constant number of rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from croniter import croniter
+
+from durable_actor import refs
+from durable_actor.errors import StepError
+from durable_actor.graph import STEP_KINDS, Graph, Node
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+MAX_LOOP_ITERATIONS = 100_000
+MIN_ITERATION = timedelta(seconds=1)
+
+
+# --------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class InstanceState:
+    """What the engine knows of one instance. `transition` mutates it and records changes."""
+
+    id: str
+    root: str
+    graph: Graph
+    status: str = "pending"
+    label: str | None = None
+    vars: dict[str, str] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)       # result name -> node id
+    inbox: list[dict[str, Any]] = field(default_factory=list)  # signals not yet taken
+    execution_count: int = 1
+    seq: int = 0                                               # last activation issued
+    error: str | None = None
+    changed: set[str] = field(default_factory=set)             # node ids written this round
+    instance_changed: bool = False
+
+    def node(self, node_id: str) -> Node:
+        return self.graph.nodes[node_id]
+
+    @property
+    def root_node(self) -> Node:
+        return self.graph.nodes[self.root]
+
+
+# --------------------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Start:
+    now: datetime
+
+
+@dataclass(frozen=True)
+class StepDone:
+    node_id: str
+    activation: int
+    now: datetime
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TimerFired:
+    node_id: str
+    activation: int
+    now: datetime
+
+
+@dataclass(frozen=True)
+class Signal:
+    name: str
+    data: Any
+    now: datetime
+
+
+@dataclass(frozen=True)
+class Cancel:
+    reason: str
+    now: datetime
+
+
+Message = Start | StepDone | TimerFired | Signal | Cancel
+
+
+# --------------------------------------------------------------------------------------
+# Effects
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunStep:
+    """Queue a step for an executor."""
+
+    node_id: str
+    activation: int
+    kind: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StartTimer:
+    node_id: str
+    activation: int
+    due_at: datetime
+
+
+@dataclass(frozen=True)
+class DropWork:
+    """Queued tasks and timers of these nodes are no longer wanted (None: the whole instance)."""
+
+    node_ids: frozenset[str] | None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The instance reached a terminal status."""
+
+    status: str
+    error: str | None = None
+
+
+Effect = RunStep | StartTimer | DropWork | Finished
+
+
+# --------------------------------------------------------------------------------------
+# transition
+# --------------------------------------------------------------------------------------
+
+def transition(state: InstanceState, msg: Message) -> tuple[InstanceState, list[Effect]]:
+    """Apply one message. Never raises for bad input: a bad message fails the node instead."""
+    effects: list[Effect] = []
+    match msg:
+        case Cancel():
+            _apply_cancel(state, msg, effects)
+        case _ if state.status in TERMINAL:
+            pass  # late deliveries to a finished instance change nothing
+        case Start():
+            _apply_start(state, msg, effects)
+        case StepDone():
+            _apply_step_done(state, msg, effects)
+        case TimerFired():
+            _apply_timer_fired(state, msg, effects)
+        case Signal():
+            _apply_signal(state, msg, effects)
+    return state, effects
+
+
+def _apply_start(state: InstanceState, msg: Start, effects: list[Effect]) -> None:
+    if state.status != "pending":
+        return
+    state.status = "running"
+    state.instance_changed = True
+    _activate(state, state.root, msg.now, effects)
+
+
+def _apply_step_done(state: InstanceState, msg: StepDone, effects: list[Effect]) -> None:
+    node = _current(state, msg.node_id, msg.activation)
+    if node is None or node.type not in STEP_KINDS:
+        return
+    if msg.error is not None:
+        _fail(state, node, msg.error, msg.now, effects)
+    else:
+        _complete(state, node, msg.result, msg.now, effects)
+
+
+def _apply_timer_fired(state: InstanceState, msg: TimerFired, effects: list[Effect]) -> None:
+    node = _current(state, msg.node_id, msg.activation)
+    if node is None:
+        return
+    if node.type == "SLEEP":
+        _complete(state, node, {"slept": True, "seconds": _sleep_seconds(node)}, msg.now,
+                  effects)
+    elif node.type == "WAIT_SCHEDULE":
+        _complete(state, node, {"scheduled": True}, msg.now, effects)
+    elif node.type == "SIGNAL":
+        name = node.config().get("signal_name")
+        _complete(state, node, {"signal_name": name, "timed_out": True, "data": None}, msg.now,
+                  effects)
+    elif node.type == "LOOP":
+        _start_iteration(state, node, msg.now, effects)
+
+
+def _apply_signal(state: InstanceState, msg: Signal, effects: list[Effect]) -> None:
+    waiting = sorted(
+        (n for n in state.graph.nodes.values()
+         if n.type == "SIGNAL" and n.status == "running"
+         and n.config().get("signal_name") == msg.name),
+        key=lambda n: (n.activation, n.position))
+    if waiting:
+        node = waiting[0]
+        _complete(state, node, {"signal_name": msg.name, "timed_out": False, "data": msg.data},
+                  msg.now, effects)
+    else:
+        state.inbox.append({"name": msg.name, "data": msg.data})
+        state.instance_changed = True
+
+
+def _apply_cancel(state: InstanceState, msg: Cancel, effects: list[Effect]) -> None:
+    # df.cancel() already set the status; finish the job: stop what runs, keep it cancelled.
+    for node in state.graph.nodes.values():
+        if node.status == "running":
+            _set(state, node, status="failed", error=f"Cancelled: {msg.reason}",
+                 result=f"Cancelled: {msg.reason}")
+    if state.status != "cancelled":
+        state.status = "cancelled"
+        state.instance_changed = True
+    state.error = f"Cancelled: {msg.reason}"
+    effects.append(DropWork(None))
+    effects.append(Finished("cancelled", state.error))
+
+
+# --------------------------------------------------------------------------------------
+# Activation
+# --------------------------------------------------------------------------------------
+
+def _activate(state: InstanceState, node_id: str, now: datetime, effects: list[Effect]) -> None:
+    node = state.node(node_id)
+    state.seq += 1
+    state.instance_changed = True
+    _set(state, node, status="running", result=None, error=None, activation=state.seq)
+    try:
+        _ACTIVATE[node.type](state, node, now, effects)
+    except StepError as exc:
+        _fail(state, node, str(exc), now, effects)
+    except KeyError:
+        _fail(state, node, f"Unknown node_type '{node.type}'", now, effects)
+
+
+def _activate_step(state: InstanceState, node: Node, now: datetime,
+                   effects: list[Effect]) -> None:
+    text = refs.expand_vars(node.query or "", state.vars, instance_id=state.id,
+                            label=state.label)
+    payload: dict[str, Any] = {"query": text, "node_type": node.type}
+    wanted = refs.referenced_names(text, state.names)
+    payload["results"] = {name: state.node(state.names[name]).result for name in wanted
+                          if state.names[name] in state.graph.nodes}
+    effects.append(RunStep(node.id, node.activation, STEP_KINDS[node.type], payload))
+
+
+def _activate_then(state: InstanceState, node: Node, now: datetime,
+                   effects: list[Effect]) -> None:
+    if node.left is None:
+        raise StepError("THEN node has no left_node")
+    _activate(state, node.left, now, effects)
+
+
+def _activate_if(state: InstanceState, node: Node, now: datetime, effects: list[Effect]) -> None:
+    if node.condition is not None:
+        _activate(state, node.condition, now, effects)
+        return
+    if not node.is_row_test:
+        raise StepError("IF node has no condition")
+    name = node.config().get("result_name")
+    if not isinstance(name, str) or name not in state.names:
+        raise StepError(f"df.if_rows: no result named '{name}'")
+    result = state.node(state.names[name]).result
+    if not (isinstance(result, dict) and "row_count" in result and "rows" in result):
+        raise StepError(f"df.if_rows: result '{name}' is not a SQL result")
+    _take_arm(state, node, (result.get("row_count") or 0) > 0, now, effects)
+
+
+def _activate_parallel(state: InstanceState, node: Node, now: datetime,
+                       effects: list[Effect]) -> None:
+    branches = node.branches
+    if not branches:
+        raise StepError(f"{node.type} node has no branches")
+    for branch in branches:
+        if node.status != "running":
+            break  # an earlier branch already decided (failed, raced, broke out)
+        _activate(state, branch, now, effects)
+
+
+def _activate_loop(state: InstanceState, node: Node, now: datetime,
+                   effects: list[Effect]) -> None:
+    if node.left is None:
+        raise StepError("LOOP node has no body")
+    node.details = {"iteration": 0}
+    _start_iteration(state, node, now, effects)
+
+
+def _activate_break(state: InstanceState, node: Node, now: datetime,
+                    effects: list[Effect]) -> None:
+    loop = _innermost_loop(state, node)
+    if loop is None:
+        raise StepError("df.break() was called outside of a loop")
+    raw = node.config().get("break_value")
+    if isinstance(raw, str):
+        raw = refs.expand_vars(raw, state.vars, instance_id=state.id, label=state.label)
+        raw = refs.render_http(raw, _results_for(state, raw))
+    value = refs.break_value(raw)
+    _set(state, node, status="completed", result=value)
+    _bind_name(state, node)
+    _abandon_subtree(state, loop, "df.break()", except_ids={node.id}, effects=effects)
+    _complete(state, loop, value, now, effects)
+
+
+def _activate_sleep(state: InstanceState, node: Node, now: datetime,
+                    effects: list[Effect]) -> None:
+    seconds = _sleep_seconds(node)
+    if seconds < 0:
+        raise StepError(f"sleep seconds must not be negative, got {seconds}")
+    effects.append(StartTimer(node.id, node.activation, now + timedelta(seconds=seconds)))
+
+
+def _activate_schedule(state: InstanceState, node: Node, now: datetime,
+                       effects: list[Effect]) -> None:
+    expr = node.config().get("cron_expr")
+    try:
+        due = croniter(str(expr), now.astimezone(UTC)).get_next(datetime)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StepError(f"Invalid cron expression '{expr}'") from exc
+    effects.append(StartTimer(node.id, node.activation, due))
+
+
+def _activate_signal(state: InstanceState, node: Node, now: datetime,
+                     effects: list[Effect]) -> None:
+    cfg = node.config()
+    name = cfg.get("signal_name")
+    for i, sig in enumerate(state.inbox):
+        if sig.get("name") == name:
+            del state.inbox[i]
+            state.instance_changed = True
+            _complete(state, node, {"signal_name": name, "timed_out": False,
+                                    "data": sig.get("data")}, now, effects)
+            return
+    timeout = cfg.get("timeout_seconds")
+    if isinstance(timeout, int | float) and timeout > 0:
+        effects.append(StartTimer(node.id, node.activation, now + timedelta(seconds=timeout)))
+
+
+_ACTIVATE = {
+    "SQL": _activate_step, "HTTP": _activate_step, "HTTP_MULTIPART": _activate_step,
+    "THEN": _activate_then, "IF": _activate_if, "JOIN": _activate_parallel,
+    "RACE": _activate_parallel, "LOOP": _activate_loop, "BREAK": _activate_break,
+    "SLEEP": _activate_sleep, "WAIT_SCHEDULE": _activate_schedule, "SIGNAL": _activate_signal,
+}
+
+
+# --------------------------------------------------------------------------------------
+# Completion and failure
+# --------------------------------------------------------------------------------------
+
+def _complete(state: InstanceState, node: Node, result: Any, now: datetime,
+              effects: list[Effect]) -> None:
+    _set(state, node, status="completed", result=result, error=None)
+    _bind_name(state, node)
+    _child_finished(state, node, now, effects)
+
+
+def _fail(state: InstanceState, node: Node, error: str, now: datetime,
+          effects: list[Effect]) -> None:
+    _set(state, node, status="failed", result=error, error=error)
+    _child_finished(state, node, now, effects)
+
+
+def _child_finished(state: InstanceState, child: Node, now: datetime,
+                    effects: list[Effect]) -> None:
+    """`child` completed or failed: let its parent react (or end the instance at the root)."""
+    if child.id == state.root:
+        _finish_instance(state, child, effects)
+        return
+    if child.parent is None or child.parent not in state.graph.nodes:
+        return
+    parent = state.node(child.parent)
+    if parent.status != "running":
+        return
+    failed = child.status == "failed"
+    match parent.type:
+        case "THEN":
+            if failed:
+                _fail(state, parent, child.error or "", now, effects)
+            elif child.id == parent.left and parent.right is not None:
+                _activate(state, parent.right, now, effects)
+            else:
+                _complete(state, parent, child.result, now, effects)
+        case "IF":
+            if failed:
+                _fail(state, parent, child.error or "", now, effects)
+            elif child.id == parent.condition:
+                _take_arm(state, parent, refs.truthy(child.result), now, effects)
+            else:
+                _complete(state, parent, child.result, now, effects)
+        case "JOIN":
+            _join_child_finished(state, parent, child, now, effects)
+        case "RACE":
+            _race_child_finished(state, parent, child, now, effects)
+        case "LOOP":
+            _loop_child_finished(state, parent, child, now, effects)
+
+
+def _take_arm(state: InstanceState, node: Node, truth: bool, now: datetime,
+              effects: list[Effect]) -> None:
+    arm = node.left if truth else node.right
+    if arm is None:
+        _complete(state, node, None, now, effects)
+    else:
+        _activate(state, arm, now, effects)
+
+
+def _join_child_finished(state: InstanceState, join: Node, child: Node, now: datetime,
+                         effects: list[Effect]) -> None:
+    branches = join.branches
+    if child.status == "failed":
+        index = branches.index(child.id) + 1
+        _abandon_subtree(state, join, "JOIN failed", except_ids={child.id}, effects=effects)
+        _fail(state, join, f"JOIN branch {index} failed: {child.error}", now, effects)
+        return
+    nodes = [state.node(b) for b in branches]
+    if all(n.status == "completed" for n in nodes):
+        _complete(state, join, [n.result for n in nodes], now, effects)
+
+
+def _race_child_finished(state: InstanceState, race: Node, child: Node, now: datetime,
+                         effects: list[Effect]) -> None:
+    _abandon_subtree(state, race, "RACE lost", except_ids=set(state.graph.subtree(child.id)),
+                     effects=effects)
+    if child.status == "failed":
+        branches = race.branches
+        index = branches.index(child.id)
+        which = {0: "left", 1: "right"}.get(index, f"{index + 1}")
+        _fail(state, race, f"RACE {which} branch failed: {child.error}", now, effects)
+    else:
+        _complete(state, race, child.result, now, effects)
+
+
+def _loop_child_finished(state: InstanceState, loop: Node, child: Node, now: datetime,
+                         effects: list[Effect]) -> None:
+    if child.status == "failed":
+        _fail(state, loop, child.error or "", now, effects)
+        return
+    details = dict(loop.details or {})
+    if child.id == loop.left:
+        details["last"] = child.result
+        loop.details = details
+        state.changed.add(loop.id)
+        if loop.condition is not None:
+            _activate(state, loop.condition, now, effects)
+            return
+        _next_iteration(state, loop, now, effects)
+    elif child.id == loop.condition:
+        if refs.truthy(child.result):
+            _next_iteration(state, loop, now, effects)
+        else:
+            _complete(state, loop, details.get("last"), now, effects)
+
+
+def _next_iteration(state: InstanceState, loop: Node, now: datetime,
+                    effects: list[Effect]) -> None:
+    """Start the next iteration, padded so that each takes at least one second."""
+    details = loop.details or {}
+    started = details.get("started_at")
+    if isinstance(started, str):
+        due = datetime.fromisoformat(started) + MIN_ITERATION
+        if due > now:
+            effects.append(StartTimer(loop.id, loop.activation, due))
+            return
+    _start_iteration(state, loop, now, effects)
+
+
+def _start_iteration(state: InstanceState, loop: Node, now: datetime,
+                     effects: list[Effect]) -> None:
+    details = dict(loop.details or {})
+    iteration = int(details.get("iteration", 0)) + 1
+    if iteration > MAX_LOOP_ITERATIONS:
+        _fail(state, loop, f"Loop exceeded maximum iteration count of {MAX_LOOP_ITERATIONS}",
+              now, effects)
+        return
+    details.update(iteration=iteration, started_at=now.isoformat())
+    loop.details = details
+    state.changed.add(loop.id)
+    if iteration > 1:
+        body = [nid for nid in state.graph.subtree(loop.id) if nid != loop.id]
+        for nid in body:
+            _set(state, state.node(nid), status="pending", result=None, error=None)
+        if loop.id == state.root:
+            # A root loop's iteration is a new execution: names start empty.
+            state.execution_count += 1
+            state.names = {}
+        else:
+            state.names = {k: v for k, v in state.names.items() if v not in set(body)}
+        state.instance_changed = True
+    assert loop.left is not None
+    _activate(state, loop.left, now, effects)
+
+
+def _finish_instance(state: InstanceState, root: Node, effects: list[Effect]) -> None:
+    state.status = "completed" if root.status == "completed" else "failed"
+    state.error = root.error
+    state.instance_changed = True
+    effects.append(DropWork(None))
+    effects.append(Finished(state.status, state.error))
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+def _current(state: InstanceState, node_id: str, activation: int) -> Node | None:
+    """The node if it still runs under `activation`; None for stale messages."""
+    node = state.graph.nodes.get(node_id)
+    if node is None or node.status != "running" or node.activation != activation:
+        return None
+    return node
+
+
+def _set(state: InstanceState, node: Node, **changes: Any) -> None:
+    for key, value in changes.items():
+        setattr(node, key, value)
+    state.changed.add(node.id)
+
+
+def _bind_name(state: InstanceState, node: Node) -> None:
+    if node.result_name:
+        state.names[node.result_name] = node.id
+        state.instance_changed = True
+
+
+def _abandon_subtree(state: InstanceState, top: Node, reason: str, *, except_ids: set[str],
+                     effects: list[Effect]) -> None:
+    """Fail the running descendants of `top` (not `top` itself) and drop their queued work."""
+    dropped = set()
+    for nid in state.graph.subtree(top.id):
+        node = state.node(nid)
+        if nid == top.id or nid in except_ids or node.status != "running":
+            continue
+        _set(state, node, status="failed", error=f"Cancelled: {reason}",
+             result=f"Cancelled: {reason}")
+        dropped.add(nid)
+    if dropped:
+        effects.append(DropWork(frozenset(dropped)))
+
+
+def _innermost_loop(state: InstanceState, node: Node) -> Node | None:
+    parent = node.parent
+    while parent is not None and parent in state.graph.nodes:
+        candidate = state.node(parent)
+        if candidate.type == "LOOP" and candidate.status == "running":
+            return candidate
+        parent = candidate.parent
+    return None
+
+
+def _results_for(state: InstanceState, text: str) -> dict[str, Any]:
+    return {name: state.node(state.names[name]).result
+            for name in refs.referenced_names(text, state.names)
+            if state.names[name] in state.graph.nodes}
+
+
+def _sleep_seconds(node: Node) -> int | float:
+    try:
+        value = Decimal((node.query or "0").strip())
+    except InvalidOperation:
+        return 0
+    return int(value) if value == value.to_integral_value() else float(value)

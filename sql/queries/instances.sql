@@ -1,0 +1,54 @@
+-- name: instances_claim_with_mail
+-- Lock up to %(limit)s instances that have mail, with everything the engine needs of them.
+-- SKIP LOCKED: another dispatcher owns the rest for now; one actor runs in one place.
+SELECT i.id, i.root_node, i.status, i.label, i.vars, i.names, i.inbox, i.execution_count,
+       i.seq, i.parent_id, clock_timestamp() AS now
+FROM df.instances i
+WHERE i.id IN (SELECT DISTINCT m.instance_id FROM df.mailbox m LIMIT %(scan)s::int)
+FOR UPDATE OF i SKIP LOCKED
+LIMIT %(limit)s::int;
+
+-- name: mailbox_take_many
+-- Consume the claimed instances' messages. Mail that arrives after this statement's snapshot
+-- stays for the next round.
+DELETE FROM df.mailbox
+WHERE instance_id = ANY(%(ids)s::text[])
+RETURNING id, instance_id, kind, node_id, activation, payload;
+
+-- name: mailbox_drop_orphans
+-- Mail for instances that no longer exist (pruned) would otherwise never be consumed.
+DELETE FROM df.mailbox m
+WHERE m.id IN (SELECT m2.id FROM df.mailbox m2
+               WHERE NOT EXISTS (SELECT 1 FROM df.instances i WHERE i.id = m2.instance_id)
+               LIMIT 1000);
+
+-- name: nodes_load_many
+SELECT instance_id, id, node_type, query, result_name, left_node, right_node, parent_node,
+       position, status, result_text, error, activation, status_details
+FROM df.nodes
+WHERE instance_id = ANY(%(ids)s::text[]);
+
+-- name: nodes_update_many
+-- Write back the nodes the engine changed, in one statement.
+UPDATE df.nodes n
+SET status = u.status, result_text = u.result_text, result = u.result_text::jsonb,
+    error = u.error, activation = u.activation, status_details = u.details,
+    updated_at = now()
+FROM unnest(%(instance_ids)s::text[], %(ids)s::text[], %(statuses)s::text[],
+            %(results)s::text[], %(errors)s::text[], %(activations)s::bigint[],
+            %(details)s::jsonb[])
+     AS u(instance_id, id, status, result_text, error, activation, details)
+WHERE n.instance_id = u.instance_id AND n.id = u.id;
+
+-- name: instances_update_many
+UPDATE df.instances i
+SET status = u.status, names = u.names, inbox = u.inbox, execution_count = u.execution_count,
+    seq = u.seq, updated_at = now(),
+    completed_at = CASE WHEN u.status = 'completed' THEN coalesce(i.completed_at, now())
+                        ELSE i.completed_at END,
+    finished_at = CASE WHEN u.status IN ('completed', 'failed', 'cancelled')
+                       THEN coalesce(i.finished_at, now()) END
+FROM unnest(%(ids)s::text[], %(statuses)s::text[], %(names)s::jsonb[], %(inboxes)s::jsonb[],
+            %(execution_counts)s::int[], %(seqs)s::bigint[])
+     AS u(id, status, names, inbox, execution_count, seq)
+WHERE i.id = u.id;
