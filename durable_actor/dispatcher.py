@@ -1,0 +1,152 @@
+"""Dispatcher: runs instance actors. I/O around the pure engine.
+
+One batch, one transaction: lock up to `dispatcher_batch` instances that have mail
+(FOR UPDATE SKIP LOCKED, so an actor runs in one place at a time), take their messages, load
+their nodes, feed the messages through `engine.transition` in mailbox order, then write the
+changed nodes, the instance rows and the effects (tasks, timers, dropped work) before
+committing. A crash anywhere before the commit leaves the mail in place for the next try.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg.rows import dict_row
+
+from durable_actor import engine
+from durable_actor.graph import Graph, node_from_row
+from durable_actor.loop import Loop
+from durable_actor.queries import q
+
+
+def shard_of(instance_id: str, shards: int) -> int:
+    return zlib.crc32(instance_id.encode()) % shards
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def message_from_row(row: dict[str, Any], now: datetime) -> engine.Message | None:
+    kind = row["kind"]
+    payload = orjson.loads(row["payload"]) if row["payload"] else {}
+    if kind == "start":
+        return engine.Start(now)
+    if kind == "step":
+        return engine.StepDone(row["node_id"], row["activation"], now,
+                               result=payload.get("result"), error=payload.get("error"))
+    if kind == "timer":
+        return engine.TimerFired(row["node_id"], row["activation"], now)
+    if kind == "signal":
+        return engine.Signal(str(payload.get("name")), payload.get("data"), now)
+    if kind == "cancel":
+        return engine.Cancel(str(payload.get("reason") or "Cancelled by user"), now)
+    return None
+
+
+class Dispatcher(Loop):
+    role = "dispatcher"
+    channels = ("df_mailbox",)
+
+    async def work_once(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            limit = self.settings.dispatcher_batch
+            await cur.execute(q("instances_claim_with_mail"), {"limit": limit, "scan": limit * 2})
+            claimed = await cur.fetchall()
+            if not claimed:
+                return 0
+            ids = [r["id"] for r in claimed]
+            await cur.execute(q("mailbox_take_many"), {"ids": ids})
+            mail = sorted(await cur.fetchall(), key=lambda r: r["id"])
+            await cur.execute(q("nodes_load_many"), {"ids": ids})
+            graphs: dict[str, Graph] = defaultdict(Graph)
+            for row in await cur.fetchall():
+                graphs[row["instance_id"]].nodes[row["id"]] = node_from_row(row)
+
+            states = {r["id"]: _state_from_row(r, graphs[r["id"]]) for r in claimed}
+            effects: list[tuple[str, engine.Effect]] = []
+            now: datetime = claimed[0]["now"]
+            for row in mail:
+                msg = message_from_row(row, now)
+                state = states.get(row["instance_id"])
+                if msg is None or state is None:
+                    continue
+                _, out = engine.transition(state, msg)
+                effects.extend((state.id, e) for e in out)
+            await self._persist(cur, list(states.values()), effects)
+        return len(claimed)
+
+    async def _persist(self, cur: psycopg.AsyncCursor[Any], states: list[engine.InstanceState],
+                       effects: list[tuple[str, engine.Effect]]) -> None:
+        nodes = [(s.id, s.node(nid)) for s in states for nid in sorted(s.changed)]
+        if nodes:
+            await cur.execute(q("nodes_update_many"), {
+                "instance_ids": [iid for iid, _ in nodes],
+                "ids": [n.id for _, n in nodes],
+                "statuses": [n.status for _, n in nodes],
+                "results": [None if n.status == "pending" and n.result is None
+                            else _dumps(n.result) for _, n in nodes],
+                "errors": [n.error for _, n in nodes],
+                "activations": [n.activation for _, n in nodes],
+                "details": [None if n.details is None else _dumps(n.details) for _, n in nodes],
+            })
+        changed = [s for s in states if s.instance_changed]
+        if changed:
+            await cur.execute(q("instances_update_many"), {
+                "ids": [s.id for s in changed],
+                "statuses": [s.status for s in changed],
+                "names": [_dumps(s.names) for s in changed],
+                "inboxes": [_dumps(s.inbox) for s in changed],
+                "execution_counts": [s.execution_count for s in changed],
+                "seqs": [s.seq for s in changed],
+            })
+
+        steps = [(iid, e) for iid, e in effects if isinstance(e, engine.RunStep)]
+        timers = [(iid, e) for iid, e in effects if isinstance(e, engine.StartTimer)]
+        drops = [(iid, e) for iid, e in effects if isinstance(e, engine.DropWork)]
+        finished = [(iid, e) for iid, e in effects if isinstance(e, engine.Finished)]
+        if drops:
+            pairs = [(iid, nid) for iid, e in drops
+                     for nid in (sorted(e.node_ids) if e.node_ids is not None else [None])]
+            await cur.execute(q("work_drop_many"), {
+                "instance_ids": [p[0] for p in pairs], "node_ids": [p[1] for p in pairs]})
+        if steps:
+            shards = self.settings.shards
+            await cur.execute(q("tasks_insert_many"), {
+                "instance_ids": [iid for iid, _ in steps],
+                "node_ids": [e.node_id for _, e in steps],
+                "activations": [e.activation for _, e in steps],
+                "shards": [shard_of(iid, shards) for iid, _ in steps],
+                "kinds": [e.kind for _, e in steps],
+                "payloads": [_dumps(e.payload) for _, e in steps],
+            })
+            await cur.execute("SELECT pg_notify('df_tasks', '')")
+        if timers:
+            await cur.execute(q("timers_insert_many"), {
+                "instance_ids": [iid for iid, _ in timers],
+                "node_ids": [e.node_id for _, e in timers],
+                "activations": [e.activation for _, e in timers],
+                "kinds": ["node" for _ in timers],
+                "due_ats": [e.due_at for _, e in timers],
+            })
+            await cur.execute("SELECT pg_notify('df_timers', '')")
+        cancels = [iid for iid, e in finished if e.status == "cancelled"]
+        cancels += [f"{iid} {nid}" for iid, e in drops if e.node_ids for nid in e.node_ids]
+        for payload in cancels:
+            await cur.execute("SELECT pg_notify('df_cancel', %s)", (payload,))
+        for iid, e in finished:
+            self.log.info("instance_finished", instance_id=iid, status=e.status, error=e.error)
+            await cur.execute("SELECT pg_notify('df_done', %s)", (iid,))
+
+
+def _state_from_row(row: dict[str, Any], graph: Graph) -> engine.InstanceState:
+    return engine.InstanceState(
+        id=row["id"], root=row["root_node"], graph=graph, status=row["status"],
+        label=row["label"], vars=dict(row["vars"] or {}), names=dict(row["names"] or {}),
+        inbox=list(row["inbox"] or []), execution_count=row["execution_count"],
+        seq=row["seq"])

@@ -1,0 +1,261 @@
+"""Executor: claims queued steps in batches and runs them.
+
+Exactly once for SQL in the instance's own database
+-------------------------------------------------
+One transaction per batch: claim a task (FOR UPDATE SKIP LOCKED: the row lock is the claim),
+run it in a savepoint, claim the next …, then delete the finished tasks and post their outcomes to the
+mailbox, and commit. The step's own writes, the removal of its task and its completion commit
+together: a crash before the commit leaves no trace (the lock goes with the session and the
+task is claimed again); after the commit the task is gone. Many steps share one commit, which
+is what makes this faster than a commit per step. A batch stops claiming after
+`batch_budget` seconds or `executor_batch` tasks. Tasks are claimed one by one, just before
+they run, so a slow step never holds queued tasks; it only delays the commit of the few
+steps that ran before it in its batch.
+
+At least once for everything else
+---------------------------------
+A statement that cannot run in a transaction block (SQLSTATE 25001: VACUUM, CREATE INDEX
+CONCURRENTLY …) is marked and then, like steps in another database (`database =>`), runs
+outside the claim: the executor commits a lease (lease_until, lease_token) first, runs the
+step on its own connection, and completes the task only if its lease token still matches. A
+crash between the step and the completion runs the step again once the lease expires.
+
+Sharding
+--------
+Tasks carry shard = crc32(instance id) mod `shards`; executor i of N prefers the shards
+s with s mod N = i and steals from all shards when its own are empty.
+
+Cancellation
+------------
+Executors LISTEN on df_cancel (payload: an instance id, or "instance node"). When the step
+running right now belongs to a cancelled instance or node, the executor cancels its own
+connection's statement. A QueryCanceled that the executor did not ask for *for that step* is
+either a statement timeout (the step fails) or a cancel meant for a step that had just
+finished (the step is left queued and runs again) — never a false failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
+
+from durable_actor import db
+from durable_actor.config import Settings
+from durable_actor.errors import StepError
+from durable_actor.loop import Loop
+from durable_actor.queries import q
+from durable_actor.steps import sql as sql_step
+
+NON_TRANSACTIONAL = "25001"   # active_sql_transaction: "… cannot run inside a transaction block"
+QUERY_CANCELED = "57014"
+
+
+@dataclass
+class Outcome:
+    task: dict[str, Any]
+    payload: str
+
+
+class Executor(Loop):
+    role = "executor"
+    channels = ("df_tasks", "df_cancel")
+
+    def __init__(self, settings: Settings, dsn: str, *, index: int = 0, count: int = 1) -> None:
+        super().__init__(settings, dsn, index=index)
+        self.count = count
+        self.mine = [s for s in range(settings.shards) if s % count == index % count]
+        self.all_shards = list(range(settings.shards))
+        self.listener.keep_payloads = True
+        self.current: dict[str, Any] | None = None
+        self.cancel_current = False
+        self.cancel_sent_at = 0.0
+        self.database: str | None = None
+        self.log = self.log.bind(executor=index)
+
+    def connection_options(self) -> dict[str, str]:
+        # Notice a dead runtime process during a long statement, so its locks go quickly.
+        return {"client_connection_check_interval": "1000"}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        watcher = asyncio.create_task(self._watch_cancels(stop), name="executor-cancels")
+        try:
+            await super().run(stop)
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def work_once(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        if self.database is None:
+            row = await (await conn.execute("SELECT current_database()")).fetchone()
+            await conn.commit()
+            self.database = str(row[0]) if row else ""
+        deferred: list[tuple[dict[str, Any], int]] = []
+        claimed = 0
+        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            done: list[Outcome] = []
+            shards = self.mine
+            deadline = time.monotonic() + self.settings.batch_budget
+            # Claim one task at a time: a task is only locked once it is about to run, so a
+            # slow step never holds queued ones hostage; the commit is still shared.
+            while claimed < self.settings.executor_batch and time.monotonic() < deadline:
+                task = await self._claim_one(cur, shards)
+                if task is None and shards is self.mine:
+                    shards = self.all_shards    # own shards are empty: steal
+                    task = await self._claim_one(cur, shards)
+                if task is None:
+                    break
+                claimed += 1
+                if self._runs_outside(task):
+                    token = await self._lease(cur, task)
+                    deferred.append((task, token))
+                    continue
+                outcome = await self._run_in_savepoint(conn, cur, task)
+                if outcome is not None:
+                    done.append(outcome)
+            if done:
+                await cur.execute(q("tasks_complete_many"), {
+                    "task_ids": [o.task["id"] for o in done],
+                    "instance_ids": [o.task["instance_id"] for o in done],
+                    "node_ids": [o.task["node_id"] for o in done],
+                    "activations": [o.task["activation"] for o in done],
+                    "payloads": [o.payload for o in done],
+                })
+                await cur.execute("SELECT pg_notify('df_mailbox', '')")
+        for task, token in deferred:
+            await self._run_leased(conn, task, token)
+        return claimed
+
+    # -- claiming ---------------------------------------------------------------------------
+
+    async def _claim_one(self, cur: psycopg.AsyncCursor[Any],
+                         shards: list[int]) -> dict[str, Any] | None:
+        await cur.execute(q("tasks_claim_one"), {"shards": shards})
+        row: dict[str, Any] | None = await cur.fetchone()
+        return row
+
+    def _runs_outside(self, task: dict[str, Any]) -> bool:
+        return task["kind"] != "sql" or (
+            task["database"] is not None and task["database"] != self.database)
+
+    # -- in-transaction steps (exactly once) ---------------------------------------------------
+
+    async def _run_in_savepoint(self, conn: psycopg.AsyncConnection[Any],
+                                cur: psycopg.AsyncCursor[Any],
+                                task: dict[str, Any]) -> Outcome | None:
+        payload = task["payload"]
+        self.current, self.cancel_current = task, False
+        started = time.monotonic()
+        try:
+            async with conn.transaction():
+                await self._enter_step(conn, task)
+                result = await sql_step.run_sql(conn, payload["query"], payload.get("results", {}))
+                await conn.execute("RESET ROLE")
+            return self._outcome(task, result=result, started=started)
+        except psycopg.errors.QueryCanceled as exc:
+            return self._cancelled(task, StepError(
+                f"SQL execution failed: {str(exc).strip()}", sqlstate=QUERY_CANCELED), started)
+        except StepError as exc:
+            if exc.sqlstate == QUERY_CANCELED:
+                return self._cancelled(task, exc, started)
+            if exc.sqlstate == NON_TRANSACTIONAL:
+                await cur.execute(q("task_mark_autocommit"), {"id": task["id"]})
+                return None
+            return self._outcome(task, error=str(exc), started=started)
+        finally:
+            self.current = None
+
+    def _cancelled(self, task: dict[str, Any], exc: StepError, started: float) -> Outcome | None:
+        if not self.cancel_current and time.monotonic() - self.cancel_sent_at < 5.0:
+            return None   # a cancel meant for another step hit this one: run it again
+        return self._outcome(task, error=str(exc), started=started)
+
+    async def _enter_step(self, conn: psycopg.AsyncConnection[Any], task: dict[str, Any]) -> None:
+        await conn.execute(
+            "SELECT set_config('df.instance_id', %s, true),"
+            " CASE WHEN %s::text IS DISTINCT FROM current_user"
+            "      THEN set_config('role', %s, true) END",
+            (task["instance_id"], task["role"], task["role"]))
+
+    def _outcome(self, task: dict[str, Any], *, started: float, result: Any = None,
+                 error: str | None = None) -> Outcome:
+        elapsed_ms = round((time.monotonic() - started) * 1000, 3)
+        if error is None:
+            self.log.debug("step_completed", instance_id=task["instance_id"],
+                           node_id=task["node_id"], step_type=task["kind"],
+                           duration_ms=elapsed_ms)
+            body = {"result": result}
+        else:
+            self.log.info("step_failed", instance_id=task["instance_id"],
+                          node_id=task["node_id"], step_type=task["kind"],
+                          duration_ms=elapsed_ms, error=error)
+            body = {"error": error}
+        return Outcome(task, orjson.dumps(body).decode())
+
+    # -- leased steps (at least once) --------------------------------------------------------
+
+    async def _lease(self, cur: psycopg.AsyncCursor[Any], task: dict[str, Any]) -> int:
+        await cur.execute(q("task_lease"), {"id": task["id"], "worker": self.worker_id,
+                                            "seconds": self.settings.lease_seconds})
+        row = await cur.fetchone()
+        return int(row["lease_token"]) if row else 0
+
+    async def _run_leased(self, conn: psycopg.AsyncConnection[Any], task: dict[str, Any],
+                          token: int) -> None:
+        started = time.monotonic()
+        try:
+            result = await self._run_outside(task)
+            outcome = self._outcome(task, result=result, started=started)
+        except StepError as exc:
+            outcome = self._outcome(task, error=str(exc), started=started)
+        async with conn.transaction():
+            await conn.execute(q("task_complete_leased"),
+                               {"id": task["id"], "token": token, "payload": outcome.payload})
+            await conn.execute("SELECT pg_notify('df_mailbox', '')")
+
+    async def _run_outside(self, task: dict[str, Any]) -> Any:
+        if task["kind"] == "http":
+            raise StepError("HTTP steps are not available in this version of durable-actor")
+        dsn = self.dsn
+        if task["database"] and task["database"] != self.database:
+            dsn = make_conninfo(self.dsn, dbname=task["database"])
+        payload = task["payload"]
+        try:
+            async with await db.connect(dsn, role="executor step", autocommit=True) as other:
+                await other.execute(
+                    "SELECT set_config('df.instance_id', %s, false),"
+                    " CASE WHEN %s::text IS DISTINCT FROM current_user"
+                    "      THEN set_config('role', %s, false) END",
+                    (task["instance_id"], task["role"], task["role"]))
+                return await sql_step.run_sql(other, payload["query"],
+                                              payload.get("results", {}))
+        except psycopg.Error as exc:
+            raise StepError(f"SQL execution failed: {str(exc).strip()}",
+                            sqlstate=exc.sqlstate) from exc
+
+    # -- cancellation ----------------------------------------------------------------------
+
+    async def _watch_cancels(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+            for channel, payload in self.listener.take_payloads():
+                if channel != "df_cancel" or not payload:
+                    continue
+                task = self.current
+                if task is None:
+                    continue
+                instance, _, node = payload.partition(" ")
+                if task["instance_id"] == instance and (not node or node == task["node_id"]):
+                    self.cancel_current = True
+                    self.cancel_sent_at = time.monotonic()
+                    conn = self.conn
+                    if conn is not None and not conn.closed:
+                        self.log.info("step_cancel_requested", instance_id=instance,
+                                      node_id=task["node_id"])
+                        await conn.cancel_safe()
