@@ -109,6 +109,10 @@ def template_db(server: Server) -> str:
     """A database with the df schema applied; cloned by the fixtures below."""
     name = server.create_database()
     schema.migrate(server.dsn_for(name))
+    # The tests connect as a superuser; production refuses superuser-started workflows by
+    # default (tests/integration/test_lifecycle.py covers the refusal on its own database).
+    with psycopg.connect(server.dsn_for(name), autocommit=True) as c:
+        c.execute("UPDATE df.settings SET value = 'true' WHERE name = 'enable_superuser_instances'")
     return name
 
 

@@ -1,0 +1,225 @@
+"""Workflows run end to end by the real runtime on a real PostgreSQL, one node type at a time."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.helpers import until_sync
+from tests.runtime import Runtime
+
+
+@pytest.fixture(scope="module")
+def runtime(module_dsn: str) -> Iterator[Runtime]:
+    with Runtime(module_dsn, executors=2) as rt:
+        yield rt
+
+
+@pytest.fixture
+def db(module_dsn: str, runtime: Runtime) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(module_dsn, autocommit=True) as c:
+        yield c
+
+
+def start(db: psycopg.Connection[Any], expr: str, *args: Any) -> str:
+    row = db.execute(f"SELECT df.start({expr})", args).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def wait(db: psycopg.Connection[Any], instance: str, timeout: int = 30) -> str:
+    row = db.execute("SELECT df.await_instance(%s, %s)", (instance, timeout)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def result(db: psycopg.Connection[Any], instance: str) -> Any:
+    row = db.execute("SELECT df.result(%s)", (instance,)).fetchone()
+    return None if row is None or row[0] is None else json.loads(row[0])
+
+
+def nodes(db: psycopg.Connection[Any], instance: str) -> list[dict[str, Any]]:
+    cur = db.execute("SELECT node_type, status, result, error FROM df.nodes"
+                     " WHERE instance_id = %s ORDER BY position", (instance,))
+    cols = [d.name for d in cur.description or []]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def test_named_result_flows_into_the_next_step(db: psycopg.Connection[Any]) -> None:
+    i = start(db, "$$SELECT 1 AS a$$ |=> 'x' ~> $$SELECT $x.a + 1 AS b$$")
+    assert wait(db, i) == "completed"
+    assert result(db, i) == {"rows": [{"b": 2}], "row_count": 1}
+    assert db.execute("SELECT df.status(%s)", (i,)).fetchone() == ("completed",)
+
+
+def test_result_keeps_select_list_order(db: psycopg.Connection[Any]) -> None:
+    i = start(db, "$$SELECT 'z' AS zed, 1 AS a$$ |=> 'r' ~> $$SELECT $r AS first$$")
+    assert wait(db, i) == "completed"
+    raw = db.execute("SELECT df.result(%s)", (i,)).fetchone()
+    assert raw is not None and json.loads(raw[0]) == {"rows": [{"first": "z"}], "row_count": 1}
+
+
+def test_failing_step_fails_node_ancestors_and_instance(db: psycopg.Connection[Any]) -> None:
+    i = start(db, "$$SELECT 1/0$$ ~> $$SELECT 2$$")
+    assert wait(db, i) == "failed"
+    assert result(db, i) is None
+    rows = nodes(db, i)
+    assert [r["status"] for r in rows] == ["failed", "failed", "pending"]
+    assert rows[1]["error"] == "SQL execution failed: division by zero"
+    assert rows[1]["result"] == "SQL execution failed: division by zero"
+    assert rows[0]["error"] == "SQL execution failed: division by zero"
+
+
+def test_if_operators_take_the_right_arm(db: psycopg.Connection[Any]) -> None:
+    yes = start(db, "$$SELECT true$$ ?> $$SELECT 'yes' AS v$$ !> $$SELECT 'no' AS v$$")
+    no = start(db, "df.if($$SELECT 0$$, $$SELECT 'yes' AS v$$, $$SELECT 'no' AS v$$)")
+    assert wait(db, yes) == wait(db, no) == "completed"
+    assert result(db, yes) == {"rows": [{"v": "yes"}], "row_count": 1}
+    assert result(db, no) == {"rows": [{"v": "no"}], "row_count": 1}
+
+
+def test_if_rows(db: psycopg.Connection[Any]) -> None:
+    i = start(db, "$$SELECT 1 WHERE false$$ |=> 'd' ~> df.if_rows('d', $$SELECT 'some'$$,"
+                  " $$SELECT 'none' AS v$$)")
+    assert wait(db, i) == "completed"
+    assert result(db, i) == {"rows": [{"v": "none"}], "row_count": 1}
+
+
+def test_join_and_race(db: psycopg.Connection[Any]) -> None:
+    j = start(db, "$$SELECT 1 AS a$$ & $$SELECT 2 AS b$$")
+    r = start(db, "$$SELECT pg_sleep(20)$$ | $$SELECT 7 AS w$$")
+    assert wait(db, j) == "completed"
+    assert result(db, j) == [{"rows": [{"a": 1}], "row_count": 1},
+                             {"rows": [{"b": 2}], "row_count": 1}]
+    assert wait(db, r, 10) == "completed"
+    assert result(db, r) == {"rows": [{"w": 7}], "row_count": 1}
+    # the losing pg_sleep is interrupted, not left running for 20 s
+    until_sync(lambda: not db.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(20)'"
+        " AND state = 'active'").fetchone(), timeout=5)
+
+
+def test_loop_with_condition_and_break(db: psycopg.Connection[Any]) -> None:
+    db.execute("CREATE TABLE IF NOT EXISTS loop_ticks (n int)")
+    counted = start(db, "df.loop($$INSERT INTO loop_ticks VALUES (1)$$,"
+                        " $$SELECT count(*) < 2 FROM loop_ticks$$)")
+    broken = start(db, "df.loop($$SELECT 1$$ ~> df.break('done'))")
+    assert wait(db, broken) == "completed"
+    assert result(db, broken) == "done"
+    assert wait(db, counted) == "completed"
+    assert db.execute("SELECT count(*) FROM loop_ticks").fetchone() == (2,)
+    row = db.execute("SELECT execution_count FROM df.list_instances(NULL, 100)"
+                     " WHERE instance_id = %s", (counted,)).fetchone()
+    assert row == (2,)
+
+
+def test_break_outside_a_loop_fails_at_run_time(db: psycopg.Connection[Any]) -> None:
+    i = start(db, "$$SELECT 1$$ ~> df.break()")
+    assert wait(db, i) == "failed"
+    assert any(n["error"] == "df.break() was called outside of a loop" for n in nodes(db, i))
+
+
+def test_sleep(db: psycopg.Connection[Any]) -> None:
+    i = start(db, "df.sleep(1) ~> $$SELECT 'after' AS v$$")
+    assert wait(db, i) == "completed"
+    slept = [n for n in nodes(db, i) if n["node_type"] == "SLEEP"][0]
+    assert slept["result"] == {"slept": True, "seconds": 1}
+
+
+def test_signal_sent_before_the_wait_is_delivered(db: psycopg.Connection[Any]) -> None:
+    i = start(db, "df.sleep(1) ~> df.wait_for_signal('go')")
+    assert db.execute("SELECT df.signal(%s, 'go', '{\"ok\": true}')", (i,)).fetchone() == ("OK",)
+    assert wait(db, i) == "completed"
+    assert result(db, i) == {"signal_name": "go", "timed_out": False, "data": {"ok": True}}
+
+
+def test_signal_timeout_and_signal_after_end(db: psycopg.Connection[Any]) -> None:
+    i = start(db, "df.wait_for_signal('never', 1)")
+    assert wait(db, i) == "completed"
+    assert result(db, i) == {"signal_name": "never", "timed_out": True, "data": None}
+    assert db.execute("SELECT df.signal(%s, 'never')", (i,)).fetchone() == ("OK",)
+
+
+def test_cancel_interrupts_a_running_step(db: psycopg.Connection[Any]) -> None:
+    i = start(db, "$$SELECT pg_sleep(30)$$ ~> $$SELECT 1$$")
+    until_sync(lambda: db.execute("SELECT status FROM df.nodes WHERE instance_id = %s"
+                                  " AND node_type = 'SQL' AND status = 'running'", (i,)).fetchone())
+    msg = db.execute("SELECT df.cancel(%s, 'enough')", (i,)).fetchone()
+    assert msg == (f"Instance {i} cancelled: enough",)
+    assert db.execute("SELECT df.status(%s)", (i,)).fetchone() == ("cancelled",)
+    assert wait(db, i) == "cancelled"
+    until_sync(lambda: not db.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'"
+        " AND state = 'active'").fetchone(), timeout=5)
+    # cancelling again changes nothing
+    assert db.execute("SELECT df.status(%s)", (i,)).fetchone() == ("cancelled",)
+
+
+def test_variables_are_snapshotted_at_start(db: psycopg.Connection[Any]) -> None:
+    db.execute("SELECT df.setvar('who', 'world')")
+    i = start(db, "$$SELECT 'hello {who}' AS v$$")
+    db.execute("SELECT df.setvar('who', 'changed')")
+    assert wait(db, i) == "completed"
+    assert result(db, i) == {"rows": [{"v": "hello world"}], "row_count": 1}
+    db.execute("SELECT df.clearvars()")
+
+
+def test_statement_that_cannot_run_in_a_transaction(db: psycopg.Connection[Any]) -> None:
+    db.execute("CREATE TABLE IF NOT EXISTS vac_me (x int)")
+    i = start(db, "$$VACUUM vac_me$$ ~> $$SELECT 'vacuumed' AS v$$")
+    assert wait(db, i) == "completed"
+    assert result(db, i) == {"rows": [{"v": "vacuumed"}], "row_count": 1}
+
+
+def test_steps_in_another_database(db: psycopg.Connection[Any], server: Any) -> None:
+    other = server.create_database()
+    try:
+        with psycopg.connect(server.dsn_for(other), autocommit=True) as o:
+            o.execute("CREATE TABLE marks (v text)")
+        i = start(db, "$$INSERT INTO marks VALUES ('here')$$ ~> $$SELECT count(*) AS n FROM marks$$,"
+                      " database => %s", other)
+        assert wait(db, i) == "completed"
+        assert result(db, i) == {"rows": [{"n": 1}], "row_count": 1}
+    finally:
+        server.drop_database(other)
+
+
+def test_start_with_new_transaction_survives_rollback(db: psycopg.Connection[Any]) -> None:
+    db.execute("CREATE EXTENSION IF NOT EXISTS dblink")
+    with psycopg.connect(db.info.dsn) as c:   # not autocommit: an explicit transaction
+        row = c.execute("SELECT df.start($$SELECT 'kept' AS v$$, transaction_mode => 'new')"
+                        ).fetchone()
+        c.rollback()
+    assert row is not None
+    assert wait(db, row[0]) == "completed"
+    assert result(db, row[0]) == {"rows": [{"v": "kept"}], "row_count": 1}
+
+
+def test_caller_transaction_rollback_discards_the_instance(db: psycopg.Connection[Any]) -> None:
+    with psycopg.connect(db.info.dsn) as c:
+        row = c.execute("SELECT df.start($$SELECT 1$$)").fetchone()
+        c.rollback()
+    assert row is not None
+    assert db.execute("SELECT df.status(%s)", (row[0],)).fetchone() == (None,)
+
+
+def test_await_in_the_starting_transaction_explains_itself(db: psycopg.Connection[Any]) -> None:
+    with psycopg.connect(db.info.dsn) as c:
+        with pytest.raises(psycopg.Error, match="started in this transaction"):
+            c.execute("SELECT df.await_instance(df.start($$SELECT 1$$), 5)")
+        c.rollback()
+
+
+def test_await_errors(db: psycopg.Connection[Any]) -> None:
+    with pytest.raises(psycopg.Error, match="Instance not found: ffffffff"):
+        db.execute("SELECT df.await_instance('ffffffff', 1)")
+    i = start(db, "df.sleep(5)")
+    with pytest.raises(psycopg.Error, match=rf"Timeout after 1s waiting for instance {i}"):
+        db.execute("SELECT df.await_instance(%s, 1)", (i,))
+    with pytest.raises(psycopg.Error, match="timeout_seconds"):
+        db.execute("SELECT df.await_instance(%s, 0)", (i,))
+    db.execute("SELECT df.cancel(%s)", (i,))

@@ -1,0 +1,72 @@
+"""Run the real runtime (supervisor + children) as a subprocess for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psycopg
+
+from tests.helpers import until_sync
+
+_SCRIPT = """
+import sys
+from durable_actor import config, supervisor
+settings = config.Settings(executors=int(sys.argv[2]), poll_interval=0.2, grace_period=5.0,
+                           log_level="debug" if len(sys.argv) > 3 else "info")
+sys.exit(supervisor.run(settings, sys.argv[1]))
+"""
+
+
+class Runtime:
+    """A supervisor process on `dsn`. Use as a context manager; it is stopped at the end."""
+
+    def __init__(self, dsn: str, *, executors: int = 2) -> None:
+        self.dsn = dsn
+        self.executors = executors
+        self.log_path = Path(tempfile.mkstemp(prefix="da-runtime-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Runtime:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SCRIPT, self.dsn, str(self.executors)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        until_sync(lambda: len(self.pids("executor")) == self.executors and self.pids("dispatcher")
+                   and self.pids("timer"), timeout=20)
+        return self
+
+    def pids(self, role: str) -> list[int]:
+        with psycopg.connect(self.dsn, autocommit=True) as c:
+            return [r[0] for r in c.execute(
+                "SELECT pid FROM df.workers WHERE role = %s AND last_seen_at > now() - interval '20 s'",
+                (role,))]
+
+    def stop(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def __enter__(self) -> Runtime:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop()
+        finally:
+            if exc[0] is not None:
+                sys.stderr.write(self.log()[-5000:])
+            self.log_path.unlink(missing_ok=True)
+
+
+def kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
