@@ -9,6 +9,7 @@ directory that is deleted when the run stops.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -24,9 +25,11 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 class ServerUnderTest:
     """One PostgreSQL server; `admin_dsn` may CREATE and DROP databases."""
 
-    def __init__(self, admin_dsn: str, embedded: object | None = None) -> None:
+    def __init__(self, admin_dsn: str, embedded: object | None = None,
+                 tmp_dir: Path | None = None) -> None:
         self.admin_dsn = admin_dsn
         self.embedded = embedded
+        self.tmp_dir = tmp_dir
         self.run_tag = uuid.uuid4().hex[:8]
         self._count = 0
 
@@ -35,15 +38,22 @@ class ServerUnderTest:
         """Start an embedded PostgreSQL on a fresh temporary directory (deleted on stop)."""
         from durable_actor.embedded import EmbeddedServer
 
-        data_dir = Path(tempfile.mkdtemp(prefix="durable-actor-bench-")) / "pgdata"
-        emb = EmbeddedServer(data_dir, delete_on_stop=True)
-        emb.start(database="postgres")
-        return cls(emb.dsn("postgres"), emb)
+        tmp_dir = Path(tempfile.mkdtemp(prefix="durable-actor-bench-"))
+        emb = EmbeddedServer(tmp_dir / "pgdata", delete_on_stop=True)
+        try:
+            emb.start(database="postgres")
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+        return cls(emb.dsn("postgres"), emb, tmp_dir)
 
     def stop(self) -> None:
         if self.embedded is not None:
             self.embedded.stop()  # type: ignore[attr-defined]
             self.embedded = None
+        if self.tmp_dir is not None:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self.tmp_dir = None
 
     def version(self) -> str:
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:

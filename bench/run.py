@@ -23,6 +23,7 @@ from typing import Any
 
 from databases import ServerUnderTest, cores
 from measure import BenchConfig, BenchError, emit
+from psycopg.conninfo import conninfo_to_dict
 
 # system name -> (module, function): imported lazily, so a missing peer fails only its part.
 PARTS: dict[str, tuple[str, str]] = {
@@ -79,14 +80,17 @@ def _part(system: str) -> Callable[[str, BenchConfig], dict[str, Any]]:
 
 
 def _run_one(server: ServerUnderTest, system: str, cfg: BenchConfig) -> dict[str, Any]:
+    """Run one part in a fresh database; its figures, or {"error": ...} if it failed."""
+    database = None
     try:
         part = _part(system)
         with server.scratch_database(system) as dsn:
-            return part(dsn, cfg)
+            database = conninfo_to_dict(dsn).get("dbname")
+            return {**part(dsn, cfg), "database": database}
     except (BenchError, ImportError) as exc:
-        return {"error": str(exc)}
+        return {"error": str(exc), "database": database}
     except Exception as exc:  # one broken part must not lose the others' figures
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"error": f"{type(exc).__name__}: {exc}", "database": database}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
