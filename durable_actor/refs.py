@@ -27,7 +27,7 @@ identifiers, nested block comments, line comments, dollar quotes, and the
   a quoted literal (``WHERE ts > $t``, ``$n::numeric``, ``($r.body)::jsonb``); an integer is
   int4 (int8, then numeric, when it does not fit), so ``$total * 2`` stays an integer; a
   fraction is numeric; a boolean is bool, so ``SELECT $flag`` comes back a JSON boolean; a
-  null-safe miss is an unknown-typed NULL. PostgreSQL cannot infer a type for an unknown
+  null-safe miss is the constant ``NULL``, as pg_durable writes it. PostgreSQL cannot infer a type for an unknown
   parameter where it would have kept a literal's ``unknown`` type (``concat($x, …)``,
   ``jsonb_build_object('k', $x)``, ``$x IS NULL``): the server answers 42P18 and the SQL step
   retries with that parameter typed ``text`` (`BoundSql.with_text`), which is what such a
@@ -702,10 +702,10 @@ class _Lexer:
 
 @dataclass(frozen=True)
 class Param:
-    """One bind parameter: its PostgreSQL type and its value as text (None: NULL)."""
+    """One bind parameter: its PostgreSQL type and its value as text."""
 
     type: ParamType
-    value: str | None
+    value: str
 
 
 @dataclass(frozen=True)
@@ -851,13 +851,13 @@ class _Renderer:
             spec = ", ".join(f"{_quote_ident(c)} {t}" for c, t in columns)
             return (f"jsonb_to_recordset(${len(self.params)}::jsonb) AS "
                     f"{_quote_ident(value.name)}({spec})")
+        if isinstance(value, _Null):
+            return "NULL"        # a constant, as pg_durable writes it; no typed-NULL parameter
         self.params.append(_param_for(value))
         return f"${len(self.params)}"
 
 
 def _param_for(value: Resolved) -> Param:
-    if isinstance(value, _Null):
-        return Param("unknown", None)
     if isinstance(value, _Whole):
         return Param("unknown", value.text)
     if isinstance(value, bool):

@@ -1,0 +1,473 @@
+"""The SQL step: one statement, its ``$name`` references bound, its rows encoded as JSON.
+
+What `run_sql` does
+-------------------
+1. ``refs.bind_sql`` rewrites the references: bind parameters where the statement takes them,
+   correctly quoted text inside literals, comments and dollar-quoted bodies, quoted literals in
+   statements that take no parameters (see ``refs`` for the rules). A value never becomes SQL.
+2. The statement goes out as ONE extended-protocol statement (Parse/Bind/Execute, unnamed, not
+   prepared for reuse), so text holding two statements fails with PostgreSQL's "cannot insert
+   multiple commands into a prepared statement", as in pg_durable. Parameters carry explicit
+   type OIDs: 0 (*unknown*) for strings and JSON text, int4/int8/numeric/bool/jsonb otherwise.
+3. An unknown parameter in a place where PostgreSQL cannot infer a type (``concat($x, …)``,
+   ``$x IS NULL``) makes the server answer 42P18 at Parse time, before anything ran: the step
+   retypes that parameter as text and sends the statement again. Inside a transaction a failed
+   Parse aborts the transaction, so statements with unknown parameters run after a
+   ``SAVEPOINT`` (only those, and only inside a transaction), pipelined with the statement in
+   one round trip; it is left for the caller's own savepoint or commit to release.
+4. Results come back in binary format and are decoded by the column's type OID (from the row
+   description), never by the Python type a driver would pick, so DateStyle, TimeZone,
+   extra_float_digits or loaders registered on the connection cannot change the JSON:
+
+   ========================  =====================================================
+   bool                      boolean
+   int2, int4, int8          number
+   float4, float8            number (float4 as PostgreSQL prints it: 3.14, not
+                             3.140000104904175); NaN and ±Infinity -> null
+   text, varchar, bpchar,    string
+   name
+   numeric                   exact string, scale kept ("123456.78900000"; "NaN",
+                             "Infinity")
+   uuid                      canonical lower-case string
+   timestamptz               RFC 3339 in UTC, "2024-06-15T12:30:00+00:00"; fraction
+                             of 3 or 6 digits only when non-zero; "infinity"
+   timestamp                 "2024-06-15T12:30:00", same fraction rule, no zone
+   date                      "2024-06-15"
+   json, jsonb               the value, nested
+   void                      null
+   ========================  =====================================================
+
+   Any other type fails the step with "Unsupported column type '<TYPE>' for column '<col>'"
+   (pg_durable's text), but only when a row came back, as in pg_durable. Keys keep the select
+   list's order; a repeated column name keeps its first position and its last value.
+
+Errors: a database error becomes ``StepError("SQL execution failed: <message>")`` carrying the
+SQLSTATE. ``QueryCanceled`` and errors that broke the connection propagate unchanged: the
+executor decides whether the step was cancelled, timed out or must simply run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import uuid
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import AsyncRawCursor, errors, postgres, pq
+from psycopg.abc import Buffer
+from psycopg.adapt import AdaptersMap, Dumper, Loader
+from psycopg.rows import tuple_row
+
+from durable_actor import refs
+from durable_actor.errors import StepError
+
+SAVEPOINT = "durable_actor_bind"
+SUPPORTED_TYPES = ("bool, int2, int4, int8, float4, float8, text, varchar, numeric, uuid, "
+                   "timestamptz, timestamp, date, jsonb, json, void")
+_PARAMETER_RE = re.compile(r"\$(\d+)")
+_INT8_MAX = 2**63 - 1
+_INT4_MAX = 2**31 - 1
+_PG_EPOCH_DAYS = 10_957                       # 2000-01-01 in days since 1970-01-01
+_DAY_US = 86_400_000_000
+_OID = {"bool": 16, "int2": 21, "int4": 23, "int8": 20, "float4": 700, "float8": 701,
+        "text": 25, "varchar": 1043, "bpchar": 1042, "name": 19, "numeric": 1700,
+        "uuid": 2950, "timestamptz": 1184, "timestamp": 1114, "date": 1082, "json": 114,
+        "jsonb": 3802, "void": 2278}
+_BINARY = pq.Format.BINARY
+_TEXT = pq.Format.TEXT
+
+
+async def run_sql(conn: psycopg.AsyncConnection[Any], query: str,
+                  results: dict[str, Any]) -> dict[str, Any]:
+    """Run one SQL step on `conn` as it is (no commit) and return its JSON result.
+
+    Args:
+        conn: the connection, inside the caller's savepoint and role where it has them.
+        query: the statement, after ``{var}`` expansion.
+        results: name -> stored result of every name the statement may reference.
+
+    Returns:
+        ``{"rows": [{column: value, …}, …], "row_count": n}``.
+
+    Raises:
+        StepError: a reference that cannot be satisfied, a database error ("SQL execution
+            failed: …", with its SQLSTATE) or an unsupported column type.
+        psycopg.errors.QueryCanceled: the statement was cancelled (by the executor or a
+            statement timeout); also errors that broke the connection.
+    """
+    standard = conn.info.parameter_status("standard_conforming_strings") != "off"
+    bound = refs.bind_sql(query, results, standard_conforming_strings=standard)
+    async with _StepCursor(conn, row_factory=tuple_row) as cur:
+        try:
+            await _execute(conn, cur, bound)
+            return await _encode(conn, cur)
+        except errors.QueryCanceled:
+            raise
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed or (exc.sqlstate or "").startswith(("08", "57P")):
+                raise
+            message = exc.diag.message_primary or str(exc).strip()
+            raise StepError(f"SQL execution failed: {message}", sqlstate=exc.sqlstate,
+                            retryable=exc.sqlstate in ("40001", "40P01")) from exc
+
+
+async def _execute(conn: psycopg.AsyncConnection[Any], cur: AsyncRawCursor[Any],
+                   bound: refs.BoundSql) -> None:
+    # The statement is the user's step, SQL by definition; values never enter its text.
+    guarded = any(p.type == "unknown" for p in bound.params) and not (
+        conn.autocommit and conn.info.transaction_status == pq.TransactionStatus.IDLE)
+    attempts = len(bound.params) + 1
+    if guarded and psycopg.AsyncPipeline.is_supported():
+        attempts -= 1
+        try:
+            async with conn.pipeline():       # SAVEPOINT and the statement in one round trip
+                await conn.execute(f"SAVEPOINT {SAVEPOINT}")
+                await cur.execute(bound.query, _adapt(bound.params), binary=True,
+                                  prepare=False)
+            return
+        except errors.IndeterminateDatatype as exc:
+            bound = _retype_or_raise(bound, exc)
+            await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
+    elif guarded:
+        await conn.execute(f"SAVEPOINT {SAVEPOINT}")
+    for _ in range(attempts):
+        try:
+            await cur.execute(bound.query, _adapt(bound.params), binary=True, prepare=False)
+            return
+        except errors.IndeterminateDatatype as exc:
+            bound = _retype_or_raise(bound, exc)
+            if guarded:
+                await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
+
+
+def _retype_or_raise(bound: refs.BoundSql, exc: psycopg.Error) -> refs.BoundSql:
+    retyped = _retype(bound, exc)
+    if retyped is None:
+        raise exc
+    return retyped
+
+
+def _retype(bound: refs.BoundSql, exc: psycopg.Error) -> refs.BoundSql | None:
+    """`bound` with the parameter PostgreSQL could not type sent as text (None: not ours)."""
+    m = _PARAMETER_RE.search(exc.diag.message_primary or "")
+    if m is not None:
+        index = int(m.group(1)) - 1
+        if 0 <= index < len(bound.params) and bound.params[index].type == "unknown":
+            return bound.with_text(index)
+        return None
+    unknown = [i for i, p in enumerate(bound.params) if p.type == "unknown"]
+    for i in unknown:                      # no number in the message: all of them, once
+        bound = bound.with_text(i)
+    return bound if unknown else None
+
+
+# --------------------------------------------------------------------------------------
+# Parameters: text values with explicit type OIDs
+# --------------------------------------------------------------------------------------
+
+class _Typed(str):
+    """A parameter value as text; subclasses name the type OID it is sent with."""
+
+    __slots__ = ()
+
+
+class _Unknown(_Typed):
+    __slots__ = ()
+
+
+class _Text(_Typed):
+    __slots__ = ()
+
+
+class _Int4(_Typed):
+    __slots__ = ()
+
+
+class _Int8(_Typed):
+    __slots__ = ()
+
+
+class _Numeric(_Typed):
+    __slots__ = ()
+
+
+class _Bool(_Typed):
+    __slots__ = ()
+
+
+class _Jsonb(_Typed):
+    __slots__ = ()
+
+
+_PARAM_CLASSES: dict[str, type[_Typed]] = {
+    "unknown": _Unknown, "text": _Text, "int4": _Int4, "int8": _Int8,
+    "numeric": _Numeric, "bool": _Bool, "jsonb": _Jsonb}
+
+
+class _TypedDumper(Dumper):
+    format = _TEXT
+
+    def __init__(self, cls: type, context: Any = None) -> None:
+        super().__init__(cls, context)
+        self._encoding = _encoding(self.connection)
+
+    def dump(self, obj: Any) -> Buffer:
+        return str(obj).encode(self._encoding)
+
+
+def _dumper(oid: int) -> type[Dumper]:
+    return type(f"_Dumper{oid}", (_TypedDumper,), {"oid": oid})
+
+
+_DUMPERS: dict[type[_Typed], type[Dumper]] = {
+    _Unknown: _dumper(0), _Text: _dumper(_OID["text"]), _Int4: _dumper(_OID["int4"]),
+    _Int8: _dumper(_OID["int8"]), _Numeric: _dumper(_OID["numeric"]),
+    _Bool: _dumper(_OID["bool"]), _Jsonb: _dumper(_OID["jsonb"]),
+}
+
+
+def _adapt(params: tuple[refs.Param, ...]) -> list[_Typed]:
+    return [_PARAM_CLASSES[p.type](p.value) for p in params]
+
+
+def _encoding(conn: Any) -> str:
+    name = conn.info.encoding if conn is not None else "utf-8"
+    return "utf-8" if name in ("ascii", "sql_ascii") else str(name)
+
+
+# --------------------------------------------------------------------------------------
+# Results: binary values decoded by type OID
+# --------------------------------------------------------------------------------------
+
+class _BoolLoader(Loader):
+    format = _BINARY
+
+    def load(self, data: Buffer) -> Any:
+        return data[0] != 0
+
+
+class _IntLoader(Loader):
+    format = _BINARY
+
+    def load(self, data: Buffer) -> Any:
+        return int.from_bytes(data, "big", signed=True)
+
+
+class _Float8Loader(Loader):
+    format = _BINARY
+
+    def load(self, data: Buffer) -> Any:
+        value: float = struct.unpack(">d", data)[0]
+        return value if math.isfinite(value) else None
+
+
+class _Float4Loader(Loader):
+    format = _BINARY
+
+    def load(self, data: Buffer) -> Any:
+        value: float = struct.unpack(">f", data)[0]
+        if not math.isfinite(value):
+            return None
+        for digits in range(1, 10):          # the shortest text that is the same float4
+            short = float(f"{value:.{digits}g}")
+            try:
+                if struct.unpack(">f", struct.pack(">f", short))[0] == value:
+                    return short
+            except OverflowError:            # rounded past float4's largest value
+                continue
+        return value
+
+
+class _TextLoader(Loader):
+    format = _BINARY
+
+    def __init__(self, oid: int, context: Any = None) -> None:
+        super().__init__(oid, context)
+        self._encoding = _encoding(self.connection)
+
+    def load(self, data: Buffer) -> Any:
+        return bytes(data).decode(self._encoding, errors="replace")
+
+
+class _NumericLoader(Loader):
+    """numeric's binary form (base-10000 digits, weight, sign, display scale) to exact text."""
+
+    format = _BINARY
+
+    def load(self, data: Buffer) -> Any:
+        ndigits, weight, sign, dscale = struct.unpack(">hhHH", data[:8])
+        special = {0xC000: "NaN", 0xD000: "Infinity", 0xF000: "-Infinity"}.get(sign)
+        if special:
+            return special
+        groups = struct.unpack(f">{ndigits}h", data[8:8 + 2 * ndigits])
+        digits = "".join(f"{g:04d}" for g in groups)
+        point = 4 * (weight + 1)                      # position of the decimal point
+        if point < 0:
+            digits, point = "0" * -point + digits, 0
+        digits = digits.ljust(point, "0")
+        integer = digits[:point].lstrip("0") or "0"
+        fraction = digits[point:point + dscale].ljust(dscale, "0")
+        text = f"{integer}.{fraction}" if dscale else integer
+        return f"-{text}" if sign == 0x4000 else text
+
+
+class _UuidLoader(Loader):
+    format = _BINARY
+
+    def load(self, data: Buffer) -> Any:
+        return str(uuid.UUID(bytes=bytes(data)))
+
+
+class _DateLoader(Loader):
+    format = _BINARY
+
+    def load(self, data: Buffer) -> Any:
+        days: int = struct.unpack(">i", data)[0]
+        if days in (_INT4_MAX, -_INT4_MAX - 1):
+            return "infinity" if days > 0 else "-infinity"
+        return _date_text(days + _PG_EPOCH_DAYS)
+
+
+class _TimestampLoader(Loader):
+    format = _BINARY
+    zone = ""
+
+    def load(self, data: Buffer) -> Any:
+        micros: int = struct.unpack(">q", data)[0]
+        if micros in (_INT8_MAX, -_INT8_MAX - 1):
+            return "infinity" if micros > 0 else "-infinity"
+        days, rest = divmod(micros, _DAY_US)
+        seconds, fraction = divmod(rest, 1_000_000)
+        hours, seconds = divmod(seconds, 3600)
+        minutes, seconds = divmod(seconds, 60)
+        if fraction == 0:
+            frac = ""
+        elif fraction % 1000 == 0:
+            frac = f".{fraction // 1000:03d}"
+        else:
+            frac = f".{fraction:06d}"
+        return (f"{_date_text(days + _PG_EPOCH_DAYS)}T{hours:02d}:{minutes:02d}:{seconds:02d}"
+                f"{frac}{self.zone}")
+
+
+class _TimestamptzLoader(_TimestampLoader):
+    zone = "+00:00"
+
+
+class _JsonLoader(Loader):
+    format = _BINARY
+    skip = 0                                   # jsonb's binary form starts with a version byte
+
+    def __init__(self, oid: int, context: Any = None) -> None:
+        super().__init__(oid, context)
+        self._encoding = _encoding(self.connection)
+
+    def load(self, data: Buffer) -> Any:
+        raw = bytes(data[self.skip:])
+        if self._encoding != "utf-8":
+            raw = raw.decode(self._encoding).encode()
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            # Numbers orjson refuses (1e400): the standard parser reads them as floats.
+            return json.loads(raw, parse_constant=_reject_constant)
+
+
+class _JsonbLoader(_JsonLoader):
+    skip = 1
+
+
+class _VoidLoader(Loader):
+    format = _BINARY
+
+    def load(self, data: Buffer) -> Any:
+        return None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"not JSON: {name}")
+
+
+def _date_text(days: int) -> str:
+    """Proleptic Gregorian date of a day count since 1970-01-01 (any year, as chrono prints)."""
+    z = days + 719_468
+    era = z // 146_097
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    year = yoe + era * 400 + (month <= 2)
+    year_text = f"{year:04d}" if 0 <= year <= 9999 else f"{year:+05d}"
+    return f"{year_text}-{month:02d}-{day:02d}"
+
+
+# Type OID (fixed in PostgreSQL's catalog) -> how a binary value of that type becomes JSON.
+_LOADER_OIDS: dict[int, type[Loader]] = {
+    _OID["bool"]: _BoolLoader, _OID["int2"]: _IntLoader, _OID["int4"]: _IntLoader,
+    _OID["int8"]: _IntLoader, _OID["float4"]: _Float4Loader, _OID["float8"]: _Float8Loader,
+    _OID["text"]: _TextLoader, _OID["varchar"]: _TextLoader, _OID["bpchar"]: _TextLoader,
+    _OID["name"]: _TextLoader, _OID["numeric"]: _NumericLoader, _OID["uuid"]: _UuidLoader,
+    _OID["timestamptz"]: _TimestamptzLoader, _OID["timestamp"]: _TimestampLoader,
+    _OID["date"]: _DateLoader, _OID["json"]: _JsonLoader, _OID["jsonb"]: _JsonbLoader,
+    _OID["void"]: _VoidLoader,
+}
+
+
+_ADAPTERS = AdaptersMap(psycopg.adapters)
+for _cls, _dumper_cls in _DUMPERS.items():
+    _ADAPTERS.register_dumper(_cls, _dumper_cls)
+for _oid, _loader_cls in _LOADER_OIDS.items():
+    _ADAPTERS.register_loader(_oid, _loader_cls)
+
+
+class _StepCursor(AsyncRawCursor[Any]):
+    """A ``$1``-placeholder cursor that adapts with our dumpers and loaders only.
+
+    Loaders registered on the connection (orjson for json, custom types …) cannot change a
+    step's JSON, and the map is built once instead of per statement.
+    """
+
+    @property
+    def adapters(self) -> AdaptersMap:
+        return _ADAPTERS
+
+
+async def _encode(conn: psycopg.AsyncConnection[Any],
+                  cur: AsyncRawCursor[Any]) -> dict[str, Any]:
+    description = cur.description
+    if description is None:                   # INSERT/UPDATE/DDL without RETURNING
+        return {"rows": [], "row_count": 0}
+    pgresult = cur.pgresult
+    if pgresult is not None and pgresult.ntuples > 0:
+        for column in description:
+            if column.type_code not in _LOADER_OIDS:
+                type_name = await _type_name(conn, column.type_code)
+                raise StepError(
+                    f"Unsupported column type '{type_name}' for column '{column.name}'. "
+                    f"Supported types: {SUPPORTED_TYPES}.")
+    names = [column.name for column in description]
+    try:
+        records = await cur.fetchall()
+    except (ValueError, struct.error) as exc:
+        raise StepError(f"SQL execution failed: could not read the result: {exc}") from exc
+    rows = [dict(zip(names, record, strict=True)) for record in records]
+    return {"rows": rows, "row_count": len(rows)}
+
+
+async def _type_name(conn: psycopg.AsyncConnection[Any], oid: int) -> str:
+    """A type's name as pg_durable's driver shows it: BYTEA, INT4[], or a user type's name."""
+    info = postgres.types.get(oid)
+    if info is not None:
+        name = info.name.upper()
+        return f"{name}[]" if oid == info.array_oid else name
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute("SELECT typname::text FROM pg_catalog.pg_type WHERE oid = %s",
+                          (oid,))
+        row = await cur.fetchone()
+    return str(row[0]) if row else str(oid)
