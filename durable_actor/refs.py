@@ -27,11 +27,11 @@ identifiers, nested block comments, line comments, dollar quotes, and the
   a quoted literal (``WHERE ts > $t``, ``$n::numeric``, ``($r.body)::jsonb``); an integer is
   int4 (int8, then numeric, when it does not fit), so ``$total * 2`` stays an integer; a
   fraction is numeric; a boolean is bool, so ``SELECT $flag`` comes back a JSON boolean; a
-  null-safe miss is the constant ``NULL``, as pg_durable writes it. PostgreSQL cannot infer a type for an unknown
-  parameter where it would have kept a literal's ``unknown`` type (``concat($x, …)``,
-  ``jsonb_build_object('k', $x)``, ``$x IS NULL``): the server answers 42P18 and the SQL step
-  retries with that parameter typed ``text`` (`BoundSql.with_text`), which is what such a
-  literal resolves to. ``$name.*`` becomes one jsonb parameter expanded as
+  null-safe miss is the constant ``NULL``, as pg_durable writes it. PostgreSQL cannot infer a
+  type for an unknown parameter where it would have kept a literal's ``unknown`` type
+  (``concat($x, …)``, ``jsonb_build_object('k', $x)``, ``$x IS NULL``): the server answers
+  42P18 and the SQL step retries with that parameter typed ``text`` (`BoundSql.with_text`),
+  which is what such a literal resolves to. ``$name.*`` becomes one jsonb parameter expanded as
   ``jsonb_to_recordset($N::jsonb) AS "name"("col" type, …)`` — the alias and column names that
   pg_durable's ``(VALUES …) AS "name"(…)`` gives, column types inferred from the values (bigint,
   numeric, boolean, text, jsonb for objects/arrays or mixed kinds, text when all NULL); no rows
@@ -70,6 +70,7 @@ HTTP contexts and break values (`render_http`) are plain text: values are insert
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -241,7 +242,10 @@ def _is_rowset(value: Any) -> bool:
 
 
 def _json_text(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:           # integers beyond 64 bits: the standard encoder writes them
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def _no_rows(name: str) -> StepError:
