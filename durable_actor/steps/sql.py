@@ -373,8 +373,8 @@ class _JsonLoader(Loader):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
-            # Numbers orjson refuses (1e400): the standard parser reads them as floats.
-            return json.loads(raw, parse_constant=_reject_constant)
+            # Numbers beyond a double (1e400), which orjson refuses: null, like NaN floats.
+            return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite)
 
 
 class _JsonbLoader(_JsonLoader):
@@ -386,6 +386,11 @@ class _VoidLoader(Loader):
 
     def load(self, data: Buffer) -> Any:
         return None
+
+
+def _finite(text: str) -> float | None:
+    value = float(text)
+    return value if math.isfinite(value) else None
 
 
 def _reject_constant(name: str) -> Any:
