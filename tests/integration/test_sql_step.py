@@ -9,6 +9,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import set_json_loads
+from psycopg.types.numeric import FloatLoader
 
 from durable_actor.errors import StepError
 from durable_actor.refs import quote_literal
@@ -395,8 +397,8 @@ async def test_runs_in_the_callers_transaction_without_committing(module_dsn: st
 
 async def test_connection_adapters_do_not_change_results(module_dsn: str) -> None:
     async with await psycopg.AsyncConnection.connect(module_dsn, autocommit=True) as conn:
-        conn.adapters.register_loader("numeric", psycopg.types.numeric.FloatLoader)
-        psycopg.types.json.set_json_loads(lambda _: "hijacked", conn)
+        conn.adapters.register_loader("numeric", FloatLoader)
+        set_json_loads(lambda _: "hijacked", conn)
         row = await first(conn, "SELECT 1.50::numeric AS n, '{}'::jsonb AS j")
         assert row == {"n": "1.50", "j": {}}
         cur = await conn.execute("SELECT 1.50::numeric")
