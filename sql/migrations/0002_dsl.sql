@@ -816,8 +816,8 @@ BEGIN
             WHEN r.nt = 'THEN' AND NOT (coalesce(k.has_left, false) AND k.has_right) THEN
                 'THEN node needs both left_node and right_node'
             WHEN r.nt = 'IF' AND NOT coalesce(k.has_cond, false)
-                 AND NOT (c.cfg ->> 'condition_type' = 'result_has_rows'
-                          AND jsonb_typeof(c.cfg -> 'result_name') = 'string') THEN
+                 AND NOT coalesce(c.cfg ->> 'condition_type' = 'result_has_rows'
+                                  AND jsonb_typeof(c.cfg -> 'result_name') = 'string', false) THEN
                 'IF node needs a condition_node (or a result_has_rows config in query)'
             WHEN r.nt IN ('JOIN', 'RACE', 'LOOP') AND NOT coalesce(k.has_left, false) THEN
                 format('%s node needs %s in left_node', r.nt,
