@@ -36,6 +36,11 @@ identifiers, nested block comments, line comments, dollar quotes, and the
   pg_durable's ``(VALUES …) AS "name"(…)`` gives, column types inferred from the values (bigint,
   numeric, boolean, text, jsonb for objects/arrays or mixed kinds, text when all NULL); no rows
   give pg_durable's ``(SELECT NULL WHERE false) AS "name"``; more than 10,000 rows fail.
+* **Right after a built-in type name** (``timestamptz $t``, ``date $d``: PostgreSQL's
+  typed-literal syntax, which takes a quoted string and no parameter) it is written as a
+  correctly quoted literal, as in a statement without parameters (below). A parameter is a
+  value, never syntax: ``ORDER BY $n`` orders by that value, not by the n-th column as
+  pg_durable's splice would.
 * **Inside a quoted literal or identifier** (``'Tasks: $count'``, ``interval '$n seconds'``) a
   parameter is impossible, so the value's text is spliced *inside* the quotes, escaped for that
   kind of literal (quotes doubled; backslashes too in E'' strings; the escape character in U&''
@@ -455,6 +460,7 @@ class _CommentCtx:
 @dataclass
 class _CodeCtx:
     depth: int
+    typed_literal: bool = False     # right after a type name: `date $d` means date '…'
 
 
 _Ctx = _StringCtx | _IdentCtx | _CommentCtx | _CodeCtx
@@ -482,11 +488,32 @@ _DOLLAR_RE = re.compile(r"\$(?:[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_\x80-\U0010fff
 _POSITIONAL_RE = re.compile(r"\$\d+")
 _UESCAPE_RE = re.compile(r"\s*uescape\s*'(.)'", re.IGNORECASE)
 _CODE_SPECIAL_RE = re.compile(r"[-/'\"$]")
+_WORD_BEFORE_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*\Z")
+# Type names that take PostgreSQL's typed-literal syntax (`date '2024-01-01'`): a parameter
+# cannot stand there, so a reference right after one is written as a quoted literal.
+_TYPE_WORDS = frozenset({
+    "date", "time", "timestamp", "timestamptz", "timetz", "interval", "zone", "precision",
+    "varying", "numeric", "decimal", "int", "int2", "int4", "int8", "integer", "smallint",
+    "bigint", "real", "float", "float4", "float8", "text", "varchar", "char", "character",
+    "bpchar", "bool", "boolean", "json", "jsonb", "jsonpath", "uuid", "bytea", "inet", "cidr",
+    "macaddr", "macaddr8", "money", "point", "line", "lseg", "box", "path", "polygon", "circle",
+    "xml", "bit", "varbit", "tsvector", "tsquery", "oid", "regclass", "regtype", "regproc",
+    "regprocedure", "regnamespace", "regrole", "name", "int4range", "int8range", "numrange",
+    "tsrange", "tstzrange", "daterange", "pg_lsn"})
 
 
 def _ident_char(ch: str) -> bool:
     """A character that continues a PostgreSQL identifier (or number)."""
     return ch.isalnum() or ch in "_$" if ch.isascii() else True
+
+
+def _after_type_name(text: str, lo: int, pos: int) -> bool:
+    """Whether the token before `pos` is a type name (``timestamptz $t``)."""
+    m = _WORD_BEFORE_RE.search(text, max(lo, pos - 40), pos)
+    if m is None or m.group(1).lower() not in _TYPE_WORDS:
+        return False
+    start = m.start(1)
+    return start == lo or not _ident_char(text[start - 1])
 
 
 def _token_start(text: str, lo: int, pos: int) -> bool:
@@ -622,7 +649,8 @@ class _Lexer:
         ref, resume = _match_ref(text, i, hi, self.names)
         if ref is not None:
             level.flush(text, i)
-            level.parts.append(_RefPart(ref, _CodeCtx(level.depth)))
+            typed = _after_type_name(text, level.lo, i)
+            level.parts.append(_RefPart(ref, _CodeCtx(level.depth, typed)))
             self.refs += 1
             level.run = resume
         return resume
@@ -830,7 +858,7 @@ class _Renderer:
         if isinstance(value, _Verbatim):
             return self.text[ref.start:ref.end]
         if isinstance(ctx, _CodeCtx):
-            at_top = ctx.depth == 0 and self.parameters
+            at_top = ctx.depth == 0 and self.parameters and not ctx.typed_literal
             rendered = self._param(value) if at_top else _literal(value)
             previous = _last_char(out)
             if rendered.startswith("-") and previous == "-":

@@ -238,6 +238,14 @@ async def test_bind_types_reproduce_spliced_literals(aconn: psycopg.AsyncConnect
         "a": "integer", "b": "boolean", "c": "text"}
 
 
+async def test_typed_literal_syntax(aconn: psycopg.AsyncConnection[Any]) -> None:
+    row = await first(aconn, "SELECT timestamptz $t AS a, date $d AS b, (interval $i)::text"
+                             " AS c, $d AS d", {**RESULTS, "d": one("2024-06-15"),
+                                                "i": one("1 day")})
+    assert row == {"a": "2020-01-01T00:00:00+00:00", "b": "2024-06-15", "c": "1 day",
+                   "d": "2024-06-15"}
+
+
 async def test_big_and_fractional_numbers(aconn: psycopg.AsyncConnection[Any]) -> None:
     results = {"big": one(2**40), "frac": one(1.25), "neg": one(-7)}
     row = await first(aconn, "SELECT pg_typeof($big)::text AS t, $big + 1 AS b,"

@@ -364,6 +364,13 @@ def test_references_are_never_glued_to_what_follows() -> None:
     assert bind_sql("SELECT -$neg", {"neg": one(-3)}, parameters=False).query == "SELECT - -3"
 
 
+def test_typed_literal_syntax_gets_a_quoted_literal() -> None:
+    bound = bind_sql("SELECT timestamptz $s, DATE  $s, $s, pg_catalog.date $s, mydate $s",
+                     RESULTS)
+    assert bound.query == ("SELECT timestamptz 'it''s \"raw\"', DATE  'it''s \"raw\"', $1,"
+                           " pg_catalog.date 'it''s \"raw\"', mydate $2")
+
+
 def test_identifier_with_dollar_is_not_a_reference() -> None:
     assert bind_sql("SELECT a$n, $n", RESULTS).query == "SELECT a$n, $1"
 
