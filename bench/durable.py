@@ -1,8 +1,8 @@
 """The durable-actor part: the runtime as a subprocess, workflows started with ``df.start()``.
 
-``durable-actor supervise --dsn DSN --executors K`` is started on this part's scratch database (it
-applies the migrations itself); the part waits until a trivial workflow completes, measures, then
-sends SIGTERM and waits for the supervisor to drain and exit. Starters call
+``durable-actor migrate`` applies the schema to this part's scratch database (superuser instances
+are allowed there), then ``durable-actor supervise --dsn DSN --executors K`` is started; the part
+waits until a trivial workflow completes, measures, then sends SIGTERM and waits for the supervisor to drain and exit. Starters call
 ``SELECT df.start($$SELECT 1$$ ~> $$SELECT 1$$ ~> $$SELECT 1$$)`` and never wait; completion is
 read from ``df.instances`` (status, created_at, completed_at).
 """
@@ -57,6 +57,13 @@ class Runtime:
         exe = console_script()
         if not exe.exists():
             raise BenchError(f"no durable-actor command next to {sys.executable}")
+        # The schema first, so the connecting role may start workflows even when it is a
+        # superuser (df.settings refuses superuser instances by default).
+        subprocess.run([str(exe), "migrate", "--dsn", self.dsn], check=True,
+                       stdin=subprocess.DEVNULL, capture_output=True)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("UPDATE df.settings SET value = 'true'"
+                         " WHERE name = 'enable_superuser_instances'")
         with open(self.log_path, "wb") as log:
             # A session of its own, so a supervisor that ignores SIGTERM can be killed along
             # with the processes it forked, and nothing else.

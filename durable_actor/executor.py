@@ -97,6 +97,7 @@ class Executor(Loop):
             await conn.commit()
             self.database = str(row[0]) if row else ""
         deferred: list[tuple[dict[str, Any], int]] = []
+        taken: list[int] = []
         claimed = 0
         async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
             done: list[Outcome] = []
@@ -105,13 +106,14 @@ class Executor(Loop):
             # Claim one task at a time: a task is only locked once it is about to run, so a
             # slow step never holds queued ones hostage; the commit is still shared.
             while claimed < self.settings.executor_batch and time.monotonic() < deadline:
-                task = await self._claim_one(cur, shards)
+                task = await self._claim_one(cur, shards, taken)
                 if task is None and shards is self.mine:
                     shards = self.all_shards    # own shards are empty: steal
-                    task = await self._claim_one(cur, shards)
+                    task = await self._claim_one(cur, shards, taken)
                 if task is None:
                     break
                 claimed += 1
+                taken.append(task["id"])
                 if self._runs_outside(task):
                     token = await self._lease(cur, task)
                     deferred.append((task, token))
@@ -134,9 +136,9 @@ class Executor(Loop):
 
     # -- claiming ---------------------------------------------------------------------------
 
-    async def _claim_one(self, cur: psycopg.AsyncCursor[Any],
-                         shards: list[int]) -> dict[str, Any] | None:
-        await cur.execute(q("tasks_claim_one"), {"shards": shards})
+    async def _claim_one(self, cur: psycopg.AsyncCursor[Any], shards: list[int],
+                         taken: list[int]) -> dict[str, Any] | None:
+        await cur.execute(q("tasks_claim_one"), {"shards": shards, "claimed": taken})
         row: dict[str, Any] | None = await cur.fetchone()
         return row
 

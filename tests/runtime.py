@@ -32,10 +32,10 @@ class Runtime:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Runtime:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SCRIPT, self.dsn, str(self.executors)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with self.log_path.open("ab") as log:   # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _SCRIPT, self.dsn, str(self.executors)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         until_sync(lambda: len(self.pids("executor")) == self.executors and self.pids("dispatcher")
                    and self.pids("timer"), timeout=20)
         return self

@@ -733,8 +733,8 @@ $$;
 --
 -- Raises "Invalid durable function graph: <path>: <reason>" (path like root.left.right,
 -- root.condition_node, root.extra_nodes[0]). Beyond pg_durable it refuses structurally
--- incomplete nodes, malformed leaf configs and an unfinished ?> — but, like pg_durable, not
--- unbound $names, df.break() outside a loop or empty SQL (these fail when they run).
+-- incomplete nodes, malformed leaf configs, an unfinished ?> and empty SQL — but, like
+-- pg_durable, not unbound $names or df.break() outside a loop (these fail when they run).
 CREATE FUNCTION df._validate_graph(p_graph text) RETURNS jsonb
 LANGUAGE plpgsql STABLE STRICT AS $$
 DECLARE
@@ -824,6 +824,8 @@ BEGIN
                        CASE r.nt WHEN 'LOOP' THEN 'a body' ELSE 'a branch' END)
             -- leaves
             WHEN r.nt = 'SQL' AND r.q IS NULL THEN 'SQL node needs a query'
+            WHEN r.nt = 'SQL' AND btrim(r.q, E' \t\r\n;') = '' THEN
+                'empty SQL: the step has no statement to run'
             WHEN r.nt = 'SQL' AND r.q ~ '^\s*\{' AND r.q ~ '"_partial_if"\s*:\s*true' THEN
                 'incomplete conditional: a ?> expression needs !> and an else branch'
             WHEN r.nt = 'SLEEP' AND coalesce(r.q, '') !~ '^\s*[0-9]+(\.[0-9]+)?\s*$' THEN

@@ -5,7 +5,7 @@ INSERT INTO df.tasks (instance_id, node_id, activation, shard, kind, database, s
 SELECT u.instance_id, u.node_id, u.activation, u.shard, u.kind, i.database, i.submitted_by,
        u.payload
 FROM unnest(%(instance_ids)s::text[], %(node_ids)s::text[], %(activations)s::bigint[],
-            %(shards)s::int[], %(kinds)s::text[], %(payloads)s::jsonb[])
+            %(shards)s::int[], %(kinds)s::text[], %(payloads)s::json[])
      AS u(instance_id, node_id, activation, shard, kind, payload)
 JOIN df.instances i ON i.id = u.instance_id;
 
@@ -35,6 +35,7 @@ FROM df.tasks t
 JOIN df.instances i ON i.id = t.instance_id
 WHERE t.shard = ANY(%(shards)s::int[])
   AND (t.lease_until IS NULL OR t.lease_until < clock_timestamp())
+  AND t.id <> ALL(%(claimed)s::bigint[])   -- our own locks do not make SKIP LOCKED skip
 ORDER BY t.id
 LIMIT 1
 FOR UPDATE OF t SKIP LOCKED;

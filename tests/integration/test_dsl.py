@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -517,41 +516,3 @@ def test_installs_as_a_non_superuser_database_owner(server: Server) -> None:
         server.drop_database(name)
         with server.admin() as admin:
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-
-
-# --- Every SQL example in docs/sql-api.md's DSL sections runs (markers as in test_docs.py).
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "sql-api.md"
-
-
-def _doc_examples() -> list[tuple[str, list[str], list[str]]]:
-    """(block, errors, outputs) of the runnable blocks before the lifecycle part."""
-    mine = DOC.read_text(encoding="utf-8").split("## Lifecycle and monitoring")[0]
-    out = []
-    for m in re.finditer(r"((?:<!--[^\n]*-->\s*\n)*)```sql\n(.*?)```", mine, flags=re.S):
-        markers = re.findall(r"<!--\s*(\w+)\s*(?::\s*(.*?))?\s*-->", m.group(1))
-        if any(word == "norun" for word, _ in markers):
-            continue
-        out.append((m.group(2), [a for w, a in markers if w == "error"],
-                    [a for w, a in markers if w == "output"]))
-    return out
-
-
-@pytest.mark.parametrize(("block", "errors", "outputs"), _doc_examples(),
-                         ids=lambda v: v.strip().splitlines()[0][:50] if isinstance(v, str) else "")
-def test_docs_examples_run(conn: Conn, block: str, errors: list[str], outputs: list[str]) -> None:
-    if errors:
-        with pytest.raises(psycopg.Error) as caught:
-            conn.execute(block)  # type: ignore[arg-type]
-        for text in errors:
-            assert text in str(caught.value)
-        return
-    cur = conn.execute(block)  # type: ignore[arg-type]
-    seen = []
-    while True:
-        if cur.description:
-            seen.extend(str(v) for row in cur.fetchall() for v in row)
-        if not cur.nextset():
-            break
-    for text in outputs:
-        assert any(text in v for v in seen), (text, seen)

@@ -129,13 +129,15 @@ MALFORMED: list[tuple[str, str]] = [
      " || '" + S2 + "' || repeat('}', 300)", "maximum nesting depth of 256"),
     ("df.join(VARIADIC ARRAY(SELECT 'SELECT ' || g FROM generate_series(1, 10000) g))",
      "maximum node count of 10000"),
+    # beyond pg_durable (its 43_empty_sql starts these and fails when they run): empty SQL
+    ("df.sql('')", "root: empty SQL"),
+    ("df.sql('   ')", "root: empty SQL"),
+    ("'SELECT 1' ~> ' ; '", "root.right: empty SQL"),
 ]
 
 # Graphs pg_durable starts (its e2e tests do, or they are its DSL's output): never refused.
 ACCEPTED: list[str] = [
     "'SELECT 1'",
-    "df.sql('')",                                   # 43_empty_sql: fails when it runs
-    "df.sql('   ')",
     "df.sql('this is not valid sql at all')",
     "'SELECT $unbound, $x.col, $y?, $z.*, $1, {nope}'",  # unbound names fail when they run
     "df.break()",                                   # 22_break_in_join_race: outside a loop

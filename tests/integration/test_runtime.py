@@ -207,11 +207,20 @@ def test_caller_transaction_rollback_discards_the_instance(db: psycopg.Connectio
     assert db.execute("SELECT df.status(%s)", (row[0],)).fetchone() == (None,)
 
 
-def test_await_in_the_starting_transaction_explains_itself(db: psycopg.Connection[Any]) -> None:
+def test_await_in_the_starting_transaction_hands_the_instance_over(
+        db: psycopg.Connection[Any]) -> None:
+    db.execute("CREATE EXTENSION IF NOT EXISTS dblink")
     with psycopg.connect(db.info.dsn) as c:
-        with pytest.raises(psycopg.Error, match="started in this transaction"):
-            c.execute("SELECT df.await_instance(df.start($$SELECT 1$$), 5)")
-        c.rollback()
+        row = c.execute("SELECT i, df.await_instance(i, 30), df.result(i)"
+                        " FROM df.start($$SELECT 'inline' AS v$$) AS i").fetchone()
+        c.commit()
+    assert row is not None and row[1] == "completed"
+    assert json.loads(row[2]) == {"rows": [{"v": "inline"}], "row_count": 1}
+    # committed as completed: the runtime never runs it a second time
+    assert db.execute("SELECT status FROM df.instances WHERE id = %s",
+                      (row[0],)).fetchone() == ("completed",)
+    assert db.execute("SELECT count(*) FROM df.mailbox WHERE instance_id = %s",
+                      (row[0],)).fetchone() == (0,)
 
 
 def test_await_errors(db: psycopg.Connection[Any]) -> None:
