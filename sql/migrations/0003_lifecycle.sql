@@ -311,12 +311,19 @@ CREATE TABLE df.secrets (
     value text NOT NULL
 );
 
--- How a separate session reaches this database (transaction_mode 'new', df.await_instance).
+-- How a separate session reaches this database (transaction_mode 'new', df.await_instance):
+-- df.secrets 'new_transaction_conninfo' if set, else this server's first socket directory
+-- (or 127.0.0.1) and port, as the current user.
 CREATE FUNCTION df._loopback_conninfo() RETURNS text
 LANGUAGE sql STABLE AS $$
     SELECT coalesce((SELECT nullif(value, '') FROM df.secrets
                      WHERE name = 'new_transaction_conninfo'),
-                    format('dbname=%s', quote_literal(current_database())))
+                    format('dbname=%s user=%s host=%s port=%s',
+                           quote_literal(current_database()), quote_literal(current_user),
+                           quote_literal(coalesce(nullif(btrim(split_part(
+                               current_setting('unix_socket_directories'), ',', 1)), ''),
+                               '127.0.0.1')),
+                           current_setting('port')))
 $$;
 
 CREATE FUNCTION df._visible_instance(p_id text, p_role regrole) RETURNS df.instances
