@@ -3,12 +3,21 @@
 One batch, one transaction: lock up to `dispatcher_batch` instances that have mail
 (FOR UPDATE SKIP LOCKED, so an actor runs in one place at a time), take their messages, load
 their nodes, feed the messages through `engine.transition` in mailbox order, then write the
-changed nodes, the instance rows and the effects (tasks, timers, dropped work) before
-committing. A crash anywhere before the commit leaves the mail in place for the next try.
+changed nodes, the instance rows and the effects (tasks, timers, dropped work, child
+instances, messages to other instances) before committing. A crash anywhere before the commit
+leaves the mail in place for the next try.
+
+Child instances
+---------------
+``SpawnChildren`` creates one instance per branch (a copy of the branch's nodes, the parent's
+variables, the imported names, a 'start' message); a finished child's ``Finished`` becomes a
+'child' message to its parent in the same transaction. ``CollectJoin`` is answered within the
+round: the branches' outcomes are read in branch order and fed back as ``JoinCollected``.
 """
 
 from __future__ import annotations
 
+import secrets
 import zlib
 from collections import defaultdict
 from datetime import datetime
@@ -43,7 +52,17 @@ def message_from_row(row: dict[str, Any], now: datetime) -> engine.Message | Non
     if kind == "timer":
         return engine.TimerFired(row["node_id"], row["activation"], now)
     if kind == "signal":
-        return engine.Signal(str(payload.get("name")), payload.get("data"), now)
+        return engine.Signal(str(payload.get("name")), payload.get("data"), now,
+                             row["node_id"], row["activation"], bool(payload.get("returned")))
+    if kind == "want_signal":
+        return engine.WantSignal(str(payload.get("instance")), row["node_id"],
+                                 row["activation"], str(payload.get("name")), now,
+                                 bool(payload.get("withdraw")))
+    if kind == "child":
+        return engine.ChildDone(row["node_id"], row["activation"], int(payload["index"]), now,
+                                str(payload["status"]), payload.get("result"),
+                                payload.get("error"), payload.get("exports") or {},
+                                bool(payload.get("broke")))
     if kind == "cancel":
         return engine.Cancel(str(payload.get("reason") or "Cancelled by user"), now)
     return None
@@ -78,11 +97,38 @@ class Dispatcher(Loop):
                     continue
                 _, out = engine.transition(state, msg)
                 effects.extend((state.id, e) for e in out)
-            await self._persist(cur, list(states.values()), effects)
+            await self._collect_joins(cur, states, effects, now)
+            await self._persist(cur, list(states.values()), effects,
+                                {r["id"]: r for r in claimed})
         return len(claimed)
 
+    async def _collect_joins(self, cur: psycopg.AsyncCursor[Any],
+                             states: dict[str, engine.InstanceState],
+                             effects: list[tuple[str, engine.Effect]], now: datetime) -> None:
+        """Answer CollectJoin effects with the branches' outcomes, until none is left."""
+        wanted = [(iid, e) for iid, e in effects if isinstance(e, engine.CollectJoin)]
+        while wanted:
+            await cur.execute(q("children_collect"), {
+                "parents": [iid for iid, _ in wanted],
+                "nodes": [e.node_id for _, e in wanted],
+                "activations": [e.activation for _, e in wanted]})
+            branches: dict[tuple[str, str, int], list[engine.Branch]] = defaultdict(list)
+            for r in await cur.fetchall():
+                branches[(r["parent_id"], r["parent_node"], r["parent_activation"])].append(
+                    engine.Branch(r["status"], _loads(r["output"]), r["error"],
+                                  _loads(r["exports"]) or {}))
+            more: list[tuple[str, engine.Effect]] = []
+            for iid, e in wanted:
+                got = tuple(branches[(iid, e.node_id, e.activation)])
+                _, out = engine.transition(states[iid], engine.JoinCollected(
+                    e.node_id, e.activation, now, got))
+                more.extend((iid, x) for x in out)
+            effects.extend(more)
+            wanted = [(iid, e) for iid, e in more if isinstance(e, engine.CollectJoin)]
+
     async def _persist(self, cur: psycopg.AsyncCursor[Any], states: list[engine.InstanceState],
-                       effects: list[tuple[str, engine.Effect]]) -> None:
+                       effects: list[tuple[str, engine.Effect]],
+                       rows: dict[str, dict[str, Any]]) -> None:
         nodes = [(s.id, s.node(nid)) for s in states for nid in sorted(s.changed)]
         if nodes:
             await cur.execute(q("nodes_update_many"), {
@@ -100,11 +146,13 @@ class Dispatcher(Loop):
             await cur.execute(q("instances_update_many"), {
                 "ids": [s.id for s in changed],
                 "statuses": [s.status for s in changed],
-                "names": [_dumps(s.names) for s in changed],
+                "names": [_dumps(engine.names_to_json(s.names)) for s in changed],
                 "inboxes": [_dumps(s.inbox) for s in changed],
                 "execution_counts": [s.execution_count for s in changed],
                 "seqs": [s.seq for s in changed],
+                "waiters": [_dumps(s.waiters) for s in changed],
             })
+        await self._children(cur, effects, rows)
 
         steps = [(iid, e) for iid, e in effects if isinstance(e, engine.RunStep)]
         timers = [(iid, e) for iid, e in effects if isinstance(e, engine.StartTimer)]
@@ -143,10 +191,83 @@ class Dispatcher(Loop):
             self.log.info("instance_finished", instance_id=iid, status=e.status, error=e.error)
             await cur.execute("SELECT pg_notify('df_done', %s)", (iid,))
 
+    async def _children(self, cur: psycopg.AsyncCursor[Any],
+                        effects: list[tuple[str, engine.Effect]],
+                        rows: dict[str, dict[str, Any]]) -> None:
+        """Spawn, cancel and finish child instances; post messages between family members."""
+        spawns = [(iid, e) for iid, e in effects if isinstance(e, engine.SpawnChildren)]
+        if spawns:
+            await cur.execute(q("children_clear"), {
+                "parents": [iid for iid, _ in spawns],
+                "nodes": [e.node_id for _, e in spawns],
+                "activations": [e.activation for _, e in spawns]})
+            kids = [(iid, e, i, root, imports) for iid, e in spawns
+                    for i, (root, imports) in enumerate(zip(e.branches, e.imports, strict=True))]
+            ids = await self._fresh_ids(cur, len(kids))
+            spawn = {
+                "ids": ids, "parents": [k[0] for k in kids], "roots": [k[3] for k in kids]}
+            await cur.execute(q("children_spawn"), {
+                **spawn,
+                "nodes": [k[1].node_id for k in kids],
+                "activations": [k[1].activation for k in kids],
+                "indexes": [k[2] for k in kids],
+                "names": [_dumps(engine.names_to_json(
+                    {n: engine.Value(v, imported=True) for n, v in k[4].items()}))
+                    for k in kids]})
+            await cur.execute(q("children_copy_nodes"), spawn)
+            await cur.execute("SELECT pg_notify('df_mailbox', '')")
+        for iid, e in effects:
+            if isinstance(e, engine.CancelChildren):
+                await cur.execute(q("children_cancel"), {
+                    "parent": iid, "node": e.node_id, "activation": e.activation,
+                    "reason": e.reason})
+        ended = [(iid, e) for iid, e in effects
+                 if isinstance(e, engine.Finished) and rows[iid]["parent_id"] is not None]
+        if ended:
+            await cur.execute(q("children_finish"), {
+                "ids": [iid for iid, _ in ended],
+                "outputs": [_dumps(e.result) for _, e in ended],
+                "exports": [_dumps(e.exports) for _, e in ended],
+                "payloads": [_dumps({
+                    "index": rows[iid]["branch_index"], "status": e.status, "result": e.result,
+                    "error": e.error, "exports": e.exports, "broke": e.broke})
+                    for iid, e in ended]})
+        mail = []
+        for iid, e in effects:
+            if isinstance(e, engine.PostSignal):
+                mail.append((e.instance_id, "signal", e.node_id, e.activation, _dumps(
+                    {"name": e.name, "data": e.data, "returned": e.returned})))
+            elif isinstance(e, engine.RequestSignal):
+                mail.append((e.root_id, "want_signal", e.node_id, e.activation, _dumps(
+                    {"instance": iid, "name": e.name, "withdraw": e.withdraw})))
+        if mail or ended:
+            if mail:
+                await cur.execute(q("mailbox_post_many"), {
+                    "instance_ids": [m[0] for m in mail], "kinds": [m[1] for m in mail],
+                    "node_ids": [m[2] for m in mail], "activations": [m[3] for m in mail],
+                    "payloads": [m[4] for m in mail]})
+            await cur.execute("SELECT pg_notify('df_mailbox', '')")
+
+    async def _fresh_ids(self, cur: psycopg.AsyncCursor[Any], count: int) -> list[str]:
+        """`count` unused instance ids (8 hex digits, as df.start makes them)."""
+        ids: list[str] = []
+        while len(ids) < count:
+            batch = list({secrets.token_hex(4) for _ in range(count - len(ids))} - set(ids))
+            await cur.execute(q("children_taken_ids"), {"ids": batch})
+            taken = {r["id"] for r in await cur.fetchall()}
+            ids.extend(i for i in batch if i not in taken)
+        return ids
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else orjson.loads(text)
+
 
 def _state_from_row(row: dict[str, Any], graph: Graph) -> engine.InstanceState:
     return engine.InstanceState(
         id=row["id"], root=row["root_node"], graph=graph, status=row["status"],
-        label=row["label"], vars=dict(row["vars"] or {}), names=dict(row["names"] or {}),
+        label=row["label"], vars=dict(row["vars"] or {}),
+        names=engine.names_from_json(dict(row["names"] or {})),
         inbox=list(row["inbox"] or []), execution_count=row["execution_count"],
-        seq=row["seq"])
+        seq=row["seq"], parent_id=row["parent_id"], family_root=row["family_root"],
+        waiters=list(row["waiters"] or []))

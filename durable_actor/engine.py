@@ -14,8 +14,15 @@ How a graph runs
 - SLEEP, WAIT_SCHEDULE → effect ``StartTimer``; the timer answers with ``TimerFired``.
 - SIGNAL      → takes the oldest matching signal from the inbox, or waits for a ``Signal``
   message (and arms a timer when it has a timeout).
-- THEN, IF, JOIN, RACE, LOOP → activate their children in their order.
-- BREAK       → finishes the innermost running loop above it.
+- THEN, IF, LOOP → activate their children in their order.
+- JOIN, RACE  → effect ``SpawnChildren``: each branch runs as a child instance. A child that
+  ends posts ``ChildDone`` to its parent; when every JOIN branch is done the dispatcher reads
+  their outcomes in branch order (``CollectJoin`` → ``JoinCollected``); a RACE ends with its
+  first finisher and cancels the others (``CancelChildren``).
+- BREAK       → finishes the innermost running loop above it; in a child instance without
+  one, the child ends as *broken* and its parent breaks on from the JOIN/RACE node.
+
+So one instance runs one path at a time; all parallelism is between instances.
 
 When a node finishes, its parent decides what happens next (``_child_finished``), up to the
 root, whose end ends the instance.
@@ -26,10 +33,18 @@ Every message about a node carries the activation it was issued for. A message w
 no longer running under that activation (a loop moved on, a race was decided, the instance
 was cancelled) is stale and ignored, so duplicate or late deliveries never change the outcome.
 
+Signals
+-------
+The family's root instance owns the durable inbox. ``df.signal`` posts to the root; a member
+whose SIGNAL node starts asks the root (``RequestSignal``); the root hands over the oldest
+matching signal (``PostSignal`` aimed at that node) or remembers the waiter. A signal aimed at
+a wait that has ended in the meantime goes back to the root, so no signal is ever dropped.
+
 Bounded state
 -------------
 A loop resets its body's nodes for each iteration instead of adding rows; the signal inbox
-only holds signals not yet taken. An eternal loop therefore keeps a constant number of rows.
+only holds signals not yet taken; a JOIN/RACE that runs again replaces its earlier children.
+An eternal loop therefore keeps a constant number of rows.
 """
 
 from __future__ import annotations
@@ -39,6 +54,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import orjson
 from croniter import croniter
 
 from durable_actor import refs
@@ -54,6 +70,17 @@ MIN_ITERATION = timedelta(seconds=1)
 # State
 # --------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Value:
+    """A named result held by value: imported from the parent, or merged from branches."""
+
+    value: Any
+    imported: bool = False      # imported names are not passed back to the parent
+
+
+Name = str | Value              # a node id of this instance, or a value
+
+
 @dataclass
 class InstanceState:
     """What the engine knows of one instance. `transition` mutates it and records changes."""
@@ -64,8 +91,11 @@ class InstanceState:
     status: str = "pending"
     label: str | None = None
     vars: dict[str, str] = field(default_factory=dict)
-    names: dict[str, str] = field(default_factory=dict)       # result name -> node id
+    names: dict[str, Name] = field(default_factory=dict)      # result name -> node or value
     inbox: list[dict[str, Any]] = field(default_factory=list)  # signals not yet taken
+    parent_id: str | None = None                               # set for child instances
+    family_root: str | None = None                             # top-level instance of a child
+    waiters: list[dict[str, Any]] = field(default_factory=list)  # root: members awaiting signals
     execution_count: int = 1
     seq: int = 0                                               # last activation issued
     error: str | None = None
@@ -107,9 +137,59 @@ class TimerFired:
 
 @dataclass(frozen=True)
 class Signal:
+    """A signal; aimed at one waiting node when the family root hands it over."""
+
     name: str
     data: Any
     now: datetime
+    node_id: str | None = None
+    activation: int | None = None
+    returned: bool = False          # came back from a wait that had ended: it is the oldest
+
+
+@dataclass(frozen=True)
+class WantSignal:
+    """To the family root: a member's SIGNAL node waits (or, withdraw, no longer does)."""
+
+    instance_id: str
+    node_id: str
+    activation: int
+    name: str
+    now: datetime
+    withdraw: bool = False
+
+
+@dataclass(frozen=True)
+class ChildDone:
+    """A child instance spawned by a JOIN/RACE node ended."""
+
+    node_id: str
+    activation: int
+    index: int                      # 0-based branch
+    now: datetime
+    status: str
+    result: Any = None
+    error: str | None = None
+    exports: dict[str, Any] = field(default_factory=dict)
+    broke: bool = False             # ended by a df.break() that its loop is above the child
+
+
+@dataclass(frozen=True)
+class Branch:
+    status: str
+    result: Any = None
+    error: str | None = None
+    exports: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JoinCollected:
+    """Every branch of a JOIN is done: their outcomes in branch order."""
+
+    node_id: str
+    activation: int
+    now: datetime
+    branches: tuple[Branch, ...]
 
 
 @dataclass(frozen=True)
@@ -118,7 +198,7 @@ class Cancel:
     now: datetime
 
 
-Message = Start | StepDone | TimerFired | Signal | Cancel
+Message = Start | StepDone | TimerFired | Signal | WantSignal | ChildDone | JoinCollected | Cancel
 
 
 # --------------------------------------------------------------------------------------
@@ -150,14 +230,68 @@ class DropWork:
 
 
 @dataclass(frozen=True)
+class SpawnChildren:
+    """Run each branch of a JOIN/RACE node as a child instance, with the names it imports."""
+
+    node_id: str
+    activation: int
+    branches: tuple[str, ...]
+    imports: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class CollectJoin:
+    """All branches are done: read their outcomes and answer with JoinCollected."""
+
+    node_id: str
+    activation: int
+
+
+@dataclass(frozen=True)
+class CancelChildren:
+    """Cancel the running children of a node's activation (node None: all children)."""
+
+    node_id: str | None
+    activation: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class PostSignal:
+    """Deliver a signal to another member of the family (aimed at a node, or to the root)."""
+
+    instance_id: str
+    name: str
+    data: Any
+    node_id: str | None = None
+    activation: int | None = None
+    returned: bool = False
+
+
+@dataclass(frozen=True)
+class RequestSignal:
+    """Tell the family root that a SIGNAL node waits (or stopped waiting)."""
+
+    root_id: str
+    node_id: str
+    activation: int
+    name: str
+    withdraw: bool = False
+
+
+@dataclass(frozen=True)
 class Finished:
-    """The instance reached a terminal status."""
+    """The instance reached a terminal status. A child's parent hears of it as ChildDone."""
 
     status: str
     error: str | None = None
+    result: Any = None
+    exports: dict[str, Any] = field(default_factory=dict)
+    broke: bool = False
 
 
-Effect = RunStep | StartTimer | DropWork | Finished
+Effect = (RunStep | StartTimer | DropWork | SpawnChildren | CollectJoin | CancelChildren
+          | PostSignal | RequestSignal | Finished)
 
 
 # --------------------------------------------------------------------------------------
@@ -170,6 +304,8 @@ def transition(state: InstanceState, msg: Message) -> tuple[InstanceState, list[
     match msg:
         case Cancel():
             _apply_cancel(state, msg, effects)
+        case Signal() if state.status in TERMINAL:
+            _return_signal(state, msg, effects)
         case _ if state.status in TERMINAL:
             pass  # late deliveries to a finished instance change nothing
         case Start():
@@ -180,6 +316,12 @@ def transition(state: InstanceState, msg: Message) -> tuple[InstanceState, list[
             _apply_timer_fired(state, msg, effects)
         case Signal():
             _apply_signal(state, msg, effects)
+        case WantSignal():
+            _apply_want_signal(state, msg, effects)
+        case ChildDone():
+            _apply_child_done(state, msg, effects)
+        case JoinCollected():
+            _apply_join_collected(state, msg, effects)
     return state, effects
 
 
@@ -211,7 +353,10 @@ def _apply_timer_fired(state: InstanceState, msg: TimerFired, effects: list[Effe
     elif node.type == "WAIT_SCHEDULE":
         _complete(state, node, {"scheduled": True}, msg.now, effects)
     elif node.type == "SIGNAL":
-        name = node.config().get("signal_name")
+        name = str(node.config().get("signal_name"))
+        if state.family_root is not None:
+            effects.append(RequestSignal(state.family_root, node.id, node.activation, name,
+                                         withdraw=True))
         _complete(state, node, {"signal_name": name, "timed_out": True, "data": None}, msg.now,
                   effects)
     elif node.type == "LOOP":
@@ -219,18 +364,113 @@ def _apply_timer_fired(state: InstanceState, msg: TimerFired, effects: list[Effe
 
 
 def _apply_signal(state: InstanceState, msg: Signal, effects: list[Effect]) -> None:
-    waiting = sorted(
-        (n for n in state.graph.nodes.values()
-         if n.type == "SIGNAL" and n.status == "running"
-         and n.config().get("signal_name") == msg.name),
-        key=lambda n: (n.activation, n.position))
+    if msg.node_id is not None:
+        # Handed over by the root for one wait: take it, or give it back if that wait ended.
+        node = _current(state, msg.node_id, msg.activation or 0)
+        if node is not None and node.type == "SIGNAL":
+            _deliver(state, node, msg.data, msg.now, effects)
+        else:
+            _return_signal(state, msg, effects)
+        return
+    if state.family_root is not None:       # the root keeps the family's inbox
+        effects.append(PostSignal(state.family_root, msg.name, msg.data,
+                                  returned=msg.returned))
+        return
+    waiting = [n for n in state.graph.nodes.values()
+               if n.type == "SIGNAL" and n.status == "running"
+               and n.config().get("signal_name") == msg.name]
     if waiting:
-        node = waiting[0]
-        _complete(state, node, {"signal_name": msg.name, "timed_out": False, "data": msg.data},
-                  msg.now, effects)
+        _deliver(state, waiting[0], msg.data, msg.now, effects)
+        return
+    for i, waiter in enumerate(state.waiters):
+        if waiter["name"] == msg.name:
+            del state.waiters[i]
+            state.instance_changed = True
+            effects.append(PostSignal(waiter["instance"], msg.name, msg.data,
+                                      waiter["node"], waiter["activation"]))
+            return
+    signal = {"name": msg.name, "data": msg.data}
+    if msg.returned:
+        state.inbox.insert(0, signal)
     else:
-        state.inbox.append({"name": msg.name, "data": msg.data})
-        state.instance_changed = True
+        state.inbox.append(signal)
+    state.instance_changed = True
+
+
+def _return_signal(state: InstanceState, msg: Signal, effects: list[Effect]) -> None:
+    """A signal this instance cannot take goes back to the family root, never lost."""
+    if state.family_root is not None:
+        effects.append(PostSignal(state.family_root, msg.name, msg.data, returned=True))
+    # a terminal root discards it (SPEC §8: signals to finished instances are accepted)
+
+
+def _apply_want_signal(state: InstanceState, msg: WantSignal, effects: list[Effect]) -> None:
+    state.waiters = [w for w in state.waiters
+                     if (w["instance"], w["node"]) != (msg.instance_id, msg.node_id)]
+    state.instance_changed = True
+    if msg.withdraw:
+        return
+    for i, sig in enumerate(state.inbox):
+        if sig.get("name") == msg.name:
+            del state.inbox[i]
+            effects.append(PostSignal(msg.instance_id, msg.name, sig.get("data"), msg.node_id,
+                                      msg.activation))
+            return
+    state.waiters.append({"instance": msg.instance_id, "node": msg.node_id,
+                          "activation": msg.activation, "name": msg.name})
+
+
+def _deliver(state: InstanceState, node: Node, data: Any, now: datetime,
+             effects: list[Effect]) -> None:
+    name = node.config().get("signal_name")
+    effects.append(DropWork(frozenset({node.id})))     # its time-out timer
+    _complete(state, node, {"signal_name": name, "timed_out": False, "data": data}, now,
+              effects)
+
+
+def _apply_child_done(state: InstanceState, msg: ChildDone, effects: list[Effect]) -> None:
+    node = _current(state, msg.node_id, msg.activation)
+    if node is None or node.type not in ("JOIN", "RACE"):
+        return
+    if msg.broke:
+        effects.append(CancelChildren(node.id, node.activation, "df.break()"))
+        _break_from(state, node, msg.result, msg.now, effects)
+        return
+    if node.type == "RACE":
+        effects.append(CancelChildren(node.id, node.activation, "RACE lost"))
+        if msg.status == "completed":
+            _merge(state, msg.exports)
+            _complete(state, node, msg.result, msg.now, effects)
+        else:
+            which = {0: "left", 1: "right"}.get(msg.index, f"{msg.index + 1}")
+            _fail(state, node, f"RACE {which} branch failed: {msg.error}", msg.now, effects)
+        return
+    done = list(str((node.details or {}).get("done", "")))
+    if not 0 <= msg.index < len(done) or done[msg.index] != ".":
+        return                                  # a duplicate: this branch was counted
+    if msg.status != "completed":
+        effects.append(CancelChildren(node.id, node.activation, "JOIN failed"))
+        _fail(state, node, f"JOIN branch {msg.index + 1} failed: {msg.error}", msg.now, effects)
+        return
+    done[msg.index] = "c"
+    _set(state, node, details={"done": "".join(done)})
+    if "." not in done:
+        effects.append(CollectJoin(node.id, node.activation))
+
+
+def _apply_join_collected(state: InstanceState, msg: JoinCollected,
+                          effects: list[Effect]) -> None:
+    node = _current(state, msg.node_id, msg.activation)
+    if node is None or node.type != "JOIN":
+        return
+    for index, branch in enumerate(msg.branches):
+        if branch.status != "completed":
+            _fail(state, node, f"JOIN branch {index + 1} failed: {branch.error}", msg.now,
+                  effects)
+            return
+    for branch in msg.branches:         # branch order: a later branch's name wins
+        _merge(state, branch.exports)
+    _complete(state, node, [b.result for b in msg.branches], msg.now, effects)
 
 
 def _apply_cancel(state: InstanceState, msg: Cancel, effects: list[Effect]) -> None:
@@ -244,6 +484,7 @@ def _apply_cancel(state: InstanceState, msg: Cancel, effects: list[Effect]) -> N
         state.instance_changed = True
     state.error = f"Cancelled: {msg.reason}"
     effects.append(DropWork(None))
+    effects.append(CancelChildren(None, None, msg.reason))
     effects.append(Finished("cancelled", state.error))
 
 
@@ -269,9 +510,7 @@ def _activate_step(state: InstanceState, node: Node, now: datetime,
     text = refs.expand_vars(node.query or "", state.vars, instance_id=state.id,
                             label=state.label)
     payload: dict[str, Any] = {"query": text, "node_type": node.type}
-    wanted = refs.referenced_names(text, state.names)
-    payload["results"] = {name: state.node(state.names[name]).result for name in wanted
-                          if state.names[name] in state.graph.nodes}
+    payload["results"] = _results_for(state, text)
     effects.append(RunStep(node.id, node.activation, STEP_KINDS[node.type], payload))
 
 
@@ -291,7 +530,7 @@ def _activate_if(state: InstanceState, node: Node, now: datetime, effects: list[
     name = node.config().get("result_name")
     if not isinstance(name, str) or name not in state.names:
         raise StepError(f"df.if_rows: no result named '{name}'")
-    result = state.node(state.names[name]).result
+    result = _value_of(state, name)
     if not (isinstance(result, dict) and "row_count" in result and "rows" in result):
         raise StepError(f"df.if_rows: result '{name}' is not a SQL result")
     _take_arm(state, node, (result.get("row_count") or 0) > 0, now, effects)
@@ -302,10 +541,21 @@ def _activate_parallel(state: InstanceState, node: Node, now: datetime,
     branches = node.branches
     if not branches:
         raise StepError(f"{node.type} node has no branches")
-    for branch in branches:
-        if node.status != "running":
-            break  # an earlier branch already decided (failed, raced, broke out)
-        _activate(state, branch, now, effects)
+    node.details = {"done": "." * len(branches)}
+    effects.append(SpawnChildren(node.id, node.activation, branches,
+                                 tuple(_imports(state, b) for b in branches)))
+
+
+def _imports(state: InstanceState, branch: str) -> dict[str, Any]:
+    """The named results a branch refers to, by value: its child instance cannot see ours."""
+    out: dict[str, Any] = {}
+    for nid in state.graph.subtree(branch):
+        node = state.node(nid)
+        wanted = set(refs.referenced_names(node.query or "", state.names))
+        if node.is_row_test:
+            wanted.add(str(node.config().get("result_name")))
+        out.update((name, _value_of(state, name)) for name in wanted if name in state.names)
+    return out
 
 
 def _activate_loop(state: InstanceState, node: Node, now: datetime,
@@ -318,9 +568,6 @@ def _activate_loop(state: InstanceState, node: Node, now: datetime,
 
 def _activate_break(state: InstanceState, node: Node, now: datetime,
                     effects: list[Effect]) -> None:
-    loop = _innermost_loop(state, node)
-    if loop is None:
-        raise StepError("df.break() was called outside of a loop")
     raw = node.config().get("break_value")
     if isinstance(raw, str):
         raw = refs.expand_vars(raw, state.vars, instance_id=state.id, label=state.label)
@@ -328,8 +575,29 @@ def _activate_break(state: InstanceState, node: Node, now: datetime,
     value = refs.break_value(raw)
     _set(state, node, status="completed", result=value)
     _bind_name(state, node)
-    _abandon_subtree(state, loop, "df.break()", except_ids={node.id}, effects=effects)
-    _complete(state, loop, value, now, effects)
+    _break_from(state, node, value, now, effects)
+
+
+def _break_from(state: InstanceState, node: Node, value: Any, now: datetime,
+                effects: list[Effect]) -> None:
+    """Finish the innermost loop above `node` with `value`, or hand the break to the parent."""
+    loop = _innermost_loop(state, node)
+    if loop is not None:
+        _abandon_subtree(state, loop, "df.break()", except_ids={node.id}, effects=effects)
+        _complete(state, loop, value, now, effects)
+    elif state.parent_id is not None:
+        # The loop, if any, is in an ancestor instance: end this child as broken.
+        _abandon_subtree(state, state.root_node, "df.break()", except_ids={node.id},
+                         effects=effects)
+        if state.root_node.status == "running":
+            _set(state, state.root_node, status="failed", error="Cancelled: df.break()",
+                 result="Cancelled: df.break()")
+        state.status = "completed"
+        state.instance_changed = True
+        effects.append(DropWork(None))
+        effects.append(Finished("completed", None, value, _exports(state), broke=True))
+    else:
+        _fail(state, node, "df.break() was called outside of a loop", now, effects)
 
 
 def _activate_sleep(state: InstanceState, node: Node, now: datetime,
@@ -354,16 +622,18 @@ def _activate_signal(state: InstanceState, node: Node, now: datetime,
                      effects: list[Effect]) -> None:
     cfg = node.config()
     name = cfg.get("signal_name")
+    timeout = cfg.get("timeout_seconds")
+    if isinstance(timeout, int | float) and timeout > 0:
+        effects.append(StartTimer(node.id, node.activation, now + timedelta(seconds=timeout)))
+    if state.family_root is not None:
+        effects.append(RequestSignal(state.family_root, node.id, node.activation, str(name)))
+        return
     for i, sig in enumerate(state.inbox):
         if sig.get("name") == name:
             del state.inbox[i]
             state.instance_changed = True
-            _complete(state, node, {"signal_name": name, "timed_out": False,
-                                    "data": sig.get("data")}, now, effects)
+            _deliver(state, node, sig.get("data"), now, effects)
             return
-    timeout = cfg.get("timeout_seconds")
-    if isinstance(timeout, int | float) and timeout > 0:
-        effects.append(StartTimer(node.id, node.activation, now + timedelta(seconds=timeout)))
 
 
 _ACTIVATE = {
@@ -418,10 +688,6 @@ def _child_finished(state: InstanceState, child: Node, now: datetime,
                 _take_arm(state, parent, refs.truthy(child.result), now, effects)
             else:
                 _complete(state, parent, child.result, now, effects)
-        case "JOIN":
-            _join_child_finished(state, parent, child, now, effects)
-        case "RACE":
-            _race_child_finished(state, parent, child, now, effects)
         case "LOOP":
             _loop_child_finished(state, parent, child, now, effects)
 
@@ -433,32 +699,6 @@ def _take_arm(state: InstanceState, node: Node, truth: bool, now: datetime,
         _complete(state, node, None, now, effects)
     else:
         _activate(state, arm, now, effects)
-
-
-def _join_child_finished(state: InstanceState, join: Node, child: Node, now: datetime,
-                         effects: list[Effect]) -> None:
-    branches = join.branches
-    if child.status == "failed":
-        index = branches.index(child.id) + 1
-        _abandon_subtree(state, join, "JOIN failed", except_ids={child.id}, effects=effects)
-        _fail(state, join, f"JOIN branch {index} failed: {child.error}", now, effects)
-        return
-    nodes = [state.node(b) for b in branches]
-    if all(n.status == "completed" for n in nodes):
-        _complete(state, join, [n.result for n in nodes], now, effects)
-
-
-def _race_child_finished(state: InstanceState, race: Node, child: Node, now: datetime,
-                         effects: list[Effect]) -> None:
-    _abandon_subtree(state, race, "RACE lost", except_ids=set(state.graph.subtree(child.id)),
-                     effects=effects)
-    if child.status == "failed":
-        branches = race.branches
-        index = branches.index(child.id)
-        which = {0: "left", 1: "right"}.get(index, f"{index + 1}")
-        _fail(state, race, f"RACE {which} branch failed: {child.error}", now, effects)
-    else:
-        _complete(state, race, child.result, now, effects)
 
 
 def _loop_child_finished(state: InstanceState, loop: Node, child: Node, now: datetime,
@@ -508,14 +748,18 @@ def _start_iteration(state: InstanceState, loop: Node, now: datetime,
     state.changed.add(loop.id)
     if iteration > 1:
         body = [nid for nid in state.graph.subtree(loop.id) if nid != loop.id]
-        for nid in body:
-            _set(state, state.node(nid), status="pending", result=None, error=None)
         if loop.id == state.root:
             # A root loop's iteration is a new execution: names start empty.
             state.execution_count += 1
             state.names = {}
         else:
-            state.names = {k: v for k, v in state.names.items() if v not in set(body)}
+            # A loop below the root carries names forward (SPEC §2), by value: the body's
+            # nodes are reset now.
+            inside = set(body)
+            state.names = {k: Value(_value_of(state, k)) if isinstance(v, str) and v in inside
+                           else v for k, v in state.names.items()}
+        for nid in body:
+            _set(state, state.node(nid), status="pending", result=None, error=None)
         state.instance_changed = True
     assert loop.left is not None
     _activate(state, loop.left, now, effects)
@@ -526,7 +770,7 @@ def _finish_instance(state: InstanceState, root: Node, effects: list[Effect]) ->
     state.error = root.error
     state.instance_changed = True
     effects.append(DropWork(None))
-    effects.append(Finished(state.status, state.error))
+    effects.append(Finished(state.status, state.error, root.result, _exports(state)))
 
 
 # --------------------------------------------------------------------------------------
@@ -564,6 +808,8 @@ def _abandon_subtree(state: InstanceState, top: Node, reason: str, *, except_ids
         _set(state, node, status="failed", error=f"Cancelled: {reason}",
              result=f"Cancelled: {reason}")
         dropped.add(nid)
+        if node.type in ("JOIN", "RACE"):
+            effects.append(CancelChildren(node.id, node.activation, reason))
     if dropped:
         effects.append(DropWork(frozenset(dropped)))
 
@@ -578,10 +824,44 @@ def _innermost_loop(state: InstanceState, node: Node) -> Node | None:
     return None
 
 
+def _value_of(state: InstanceState, name: str) -> Any:
+    bound = state.names[name]
+    if isinstance(bound, Value):
+        return bound.value
+    node = state.graph.nodes.get(bound)
+    return node.result if node is not None else None
+
+
 def _results_for(state: InstanceState, text: str) -> dict[str, Any]:
-    return {name: state.node(state.names[name]).result
-            for name in refs.referenced_names(text, state.names)
-            if state.names[name] in state.graph.nodes}
+    return {name: _value_of(state, name) for name in refs.referenced_names(text, state.names)}
+
+
+def _merge(state: InstanceState, exports: dict[str, Any]) -> None:
+    """Names a finished branch bound become ours, by value."""
+    for name, value in exports.items():
+        state.names[name] = Value(value)
+    if exports:
+        state.instance_changed = True
+
+
+def _exports(state: InstanceState) -> dict[str, Any]:
+    """The names this instance bound (not those it imported), by value, for its parent."""
+    return {name: _value_of(state, name) for name, bound in state.names.items()
+            if not (isinstance(bound, Value) and bound.imported)}
+
+
+def names_to_json(names: dict[str, Name]) -> dict[str, Any]:
+    """Names as stored in df.instances.names: a node id, or the value as JSON text (so a
+    row keeps its column order, which jsonb would not)."""
+    return {k: v if isinstance(v, str) else
+            {"value": orjson.dumps(v.value).decode(), "imported": v.imported}
+            for k, v in names.items()}
+
+
+def names_from_json(stored: dict[str, Any]) -> dict[str, Name]:
+    return {k: v if isinstance(v, str) else
+            Value(orjson.loads(v["value"]), bool(v.get("imported")))
+            for k, v in stored.items()}
 
 
 def _sleep_seconds(node: Node) -> int | float:

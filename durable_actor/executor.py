@@ -3,14 +3,16 @@
 Exactly once for SQL in the instance's own database
 -------------------------------------------------
 One transaction per batch: claim a task (FOR UPDATE SKIP LOCKED: the row lock is the claim),
-run it in a savepoint, claim the next …, then delete the finished tasks and post their outcomes to the
-mailbox, and commit. The step's own writes, the removal of its task and its completion commit
-together: a crash before the commit leaves no trace (the lock goes with the session and the
-task is claimed again); after the commit the task is gone. Many steps share one commit, which
-is what makes this faster than a commit per step. A batch stops claiming after
+run it in a savepoint, claim the next …, then delete the finished tasks and post their outcomes
+to the mailbox, and commit. The step's own writes, the removal of its task and its completion
+commit together: a crash before the commit leaves no trace (the lock goes with the session and
+the task is claimed again); after the commit the task is gone. Many steps share one commit,
+which is what makes this faster than a commit per step. A batch stops claiming after
 `batch_budget` seconds or `executor_batch` tasks. Tasks are claimed one by one, just before
-they run, so a slow step never holds queued tasks; it only delays the commit of the few
-steps that ran before it in its batch.
+they run, so a slow step never holds queued tasks. Nor does it hold back the steps that ran
+before it in its batch: a step that is not the batch's first and runs longer than
+`batch_budget` is interrupted and rolled back to its savepoint, the batch commits, and the step
+runs again as the first of a batch of its own, where it may take as long as it needs.
 
 At least once for everything else
 ---------------------------------
@@ -76,6 +78,8 @@ class Executor(Loop):
         self.current: dict[str, Any] | None = None
         self.cancel_current = False
         self.cancel_sent_at = 0.0
+        self.batch_cut = False
+        self.cut_request: asyncio.Task[None] | None = None
         self.database: str | None = None
         self.log = self.log.bind(executor=index)
 
@@ -118,7 +122,22 @@ class Executor(Loop):
                     token = await self._lease(cur, task)
                     deferred.append((task, token))
                     continue
-                outcome = await self._run_in_savepoint(conn, cur, task)
+                cut = None
+                if done:   # others wait for this commit: do not let a slow step hold them
+                    cut = asyncio.get_running_loop().call_later(
+                        self.settings.batch_budget, self._cut_batch)
+                try:
+                    outcome = await self._run_in_savepoint(conn, cur, task)
+                finally:
+                    if cut is not None:
+                        cut.cancel()
+                if self.batch_cut:
+                    self.batch_cut = False
+                    if self.cut_request is not None:
+                        await self.cut_request
+                        self.cut_request = None
+                    if outcome is None:
+                        break      # interrupted: it stays queued and runs on its own
                 if outcome is not None:
                     done.append(outcome)
             if done:
@@ -173,7 +192,16 @@ class Executor(Loop):
         finally:
             self.current = None
 
+    def _cut_batch(self) -> None:
+        conn = self.conn
+        if self.current is None or conn is None or conn.closed:
+            return
+        self.batch_cut = True
+        self.cut_request = asyncio.create_task(conn.cancel_safe())
+
     def _cancelled(self, task: dict[str, Any], exc: StepError, started: float) -> Outcome | None:
+        if self.batch_cut and not self.cancel_current:
+            return None   # cut short to commit the batch: it runs again on its own
         if not self.cancel_current and time.monotonic() - self.cancel_sent_at < 5.0:
             return None   # a cancel meant for another step hit this one: run it again
         return self._outcome(task, error=str(exc), started=started)

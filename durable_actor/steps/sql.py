@@ -108,7 +108,11 @@ async def run_sql(conn: psycopg.AsyncConnection[Any], query: str,
         except errors.QueryCanceled:
             raise
         except psycopg.Error as exc:
-            if conn.broken or conn.closed or (exc.sqlstate or "").startswith(("08", "57P")):
+            state = exc.sqlstate or ""
+            # 08P01 with the connection intact: the statement's own fault, such as a `$1`
+            # in a step that has no parameter to bind.
+            if conn.broken or conn.closed or (
+                    state.startswith(("08", "57P")) and state != "08P01"):
                 raise
             message = exc.diag.message_primary or str(exc).strip()
             raise StepError(f"SQL execution failed: {message}", sqlstate=exc.sqlstate,

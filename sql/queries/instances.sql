@@ -2,7 +2,8 @@
 -- Lock up to %(limit)s instances that have mail, with everything the engine needs of them.
 -- SKIP LOCKED: another dispatcher owns the rest for now; one actor runs in one place.
 SELECT i.id, i.root_node, i.status, i.label, i.vars, i.names, i.inbox, i.execution_count,
-       i.seq, i.parent_id, clock_timestamp() AS now
+       i.seq, i.parent_id, i.parent_node, i.parent_activation, i.branch_index, i.family_root,
+       i.waiters, clock_timestamp() AS now
 FROM df.instances i
 WHERE i.id IN (SELECT DISTINCT m.instance_id FROM df.mailbox m LIMIT %(scan)s::int)
 FOR UPDATE OF i SKIP LOCKED
@@ -43,12 +44,18 @@ WHERE n.instance_id = u.instance_id AND n.id = u.id;
 -- name: instances_update_many
 UPDATE df.instances i
 SET status = u.status, names = u.names, inbox = u.inbox, execution_count = u.execution_count,
-    seq = u.seq, updated_at = now(),
+    seq = u.seq, waiters = u.waiters, updated_at = now(),
     completed_at = CASE WHEN u.status = 'completed' THEN coalesce(i.completed_at, now())
                         ELSE i.completed_at END,
     finished_at = CASE WHEN u.status IN ('completed', 'failed', 'cancelled')
                        THEN coalesce(i.finished_at, now()) END
 FROM unnest(%(ids)s::text[], %(statuses)s::text[], %(names)s::jsonb[], %(inboxes)s::jsonb[],
-            %(execution_counts)s::int[], %(seqs)s::bigint[])
-     AS u(id, status, names, inbox, execution_count, seq)
+            %(execution_counts)s::int[], %(seqs)s::bigint[], %(waiters)s::jsonb[])
+     AS u(id, status, names, inbox, execution_count, seq, waiters)
 WHERE i.id = u.id;
+
+-- name: mailbox_post_many
+-- Messages between members of a family (signals handed over, waits announced).
+INSERT INTO df.mailbox (instance_id, kind, node_id, activation, payload)
+SELECT * FROM unnest(%(instance_ids)s::text[], %(kinds)s::text[], %(node_ids)s::text[],
+                     %(activations)s::bigint[], %(payloads)s::text[]);

@@ -34,6 +34,7 @@ SELECT t.id, t.instance_id, t.node_id, t.activation, t.kind, t.database,
 FROM df.tasks t
 JOIN df.instances i ON i.id = t.instance_id
 WHERE t.shard = ANY(%(shards)s::int[])
+  AND i.status = 'running'                 -- a cancelled instance runs no further step
   AND (t.lease_until IS NULL OR t.lease_until < clock_timestamp())
   AND t.id <> ALL(%(claimed)s::bigint[])   -- our own locks do not make SKIP LOCKED skip
 ORDER BY t.id

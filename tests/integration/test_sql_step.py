@@ -494,3 +494,10 @@ async def test_random_values_are_never_executed(aconn: psycopg.AsyncConnection[A
         value = "".join(rnd.choice(pieces) for _ in range(rnd.randint(1, 10)))
         for template, expect in TEMPLATES:
             await _through(aconn, template, expect, value)
+
+
+async def test_a_positional_parameter_of_the_step_itself_fails_the_step(
+        aconn: psycopg.AsyncConnection[Any]) -> None:
+    err = await fails(aconn, "SELECT $1")
+    assert str(err).startswith("SQL execution failed:") and err.sqlstate == "08P01"
+    assert (await first(aconn, "SELECT 1 AS v")) == {"v": 1}   # the connection is fine

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -81,9 +83,143 @@ def finished(effects: list[Any]) -> Finished | None:
     return next((e for e in effects if isinstance(e, Finished)), None)
 
 
+def status_of(effects: list[Any]) -> str | None:
+    end = finished(effects)
+    return None if end is None else end.status
+
+
 def done(state: InstanceState, step: RunStep, result: Any = None, error: str | None = None,
          now: datetime = T0) -> list[Any]:
     return transition(state, StepDone(step.node_id, step.activation, now, result, error))[1]
+
+
+# -- a family of instances, wired as the dispatcher wires them -------------------------------
+
+@dataclass
+class Step:
+    instance: str
+    node_id: str
+    activation: int
+    payload: dict[str, Any]
+
+
+@dataclass
+class Child:
+    parent: str
+    node: str
+    activation: int
+    index: int
+    output: Any = None
+    exports: dict[str, Any] = field(default_factory=dict)
+
+
+class Family:
+    """Instances and their mail in memory; effects turned into messages as the dispatcher
+    and df._cancel_family do. Mail is delivered in order, or in random order with `rng`."""
+
+    def __init__(self, root: InstanceState, rng: random.Random | None = None) -> None:
+        self.root = root
+        self.states: dict[str, InstanceState] = {root.id: root}
+        self.children: dict[str, Child] = {}
+        self.queue: list[tuple[str, Any]] = []
+        self.effects: list[tuple[str, Any]] = []
+        self.outstanding: list[Step] = []
+        self.rng = rng
+        self.now = T0
+
+    def start(self) -> None:
+        self.send(self.root.id, Start(self.now))
+        self.flush()
+
+    def steps(self) -> list[Step]:
+        return list(self.outstanding)
+
+    def answer(self, step: Step, result: Any = None, error: str | None = None) -> None:
+        if step in self.outstanding:
+            self.outstanding.remove(step)
+        self.send(step.instance, StepDone(step.node_id, step.activation, self.now, result, error))
+        self.flush()
+
+    def root_send(self, msg: Any, deliver: bool = True) -> None:
+        self.send(self.root.id, msg)
+        if deliver:
+            self.flush()
+
+    def send(self, iid: str, msg: Any) -> None:
+        self.queue.append((iid, msg))
+
+    def flush(self, limit: int = 100_000) -> None:
+        for _ in range(limit):
+            if not self.queue:
+                return
+            self.deliver_one()
+        raise AssertionError("mail never settles")
+
+    def deliver_one(self) -> None:
+        i = self.rng.randrange(len(self.queue)) if self.rng else 0
+        iid, msg = self.queue.pop(i)
+        state = self.states.get(iid)
+        if state is None:
+            return
+        _, out = transition(state, msg)
+        for e in out:
+            self.effects.append((iid, e))
+            self.route(iid, e)
+
+    def route(self, iid: str, e: Any) -> None:
+        state = self.states[iid]
+        if isinstance(e, RunStep):
+            self.outstanding.append(Step(iid, e.node_id, e.activation, e.payload))
+        elif isinstance(e, DropWork):
+            self.outstanding = [x for x in self.outstanding if not (
+                x.instance == iid and (e.node_ids is None or x.node_id in e.node_ids))]
+        elif isinstance(e, engine.SpawnChildren):
+            for index, (branch, imports) in enumerate(zip(e.branches, e.imports, strict=True)):
+                cid = f"c{len(self.states):07x}"
+                nodes = {nid: dataclasses.replace(state.node(nid), status="pending",
+                                                  result=None, error=None, activation=0)
+                         for nid in state.graph.subtree(branch)}
+                self.states[cid] = InstanceState(
+                    id=cid, root=branch, graph=Graph(nodes), vars=dict(state.vars),
+                    names={k: engine.Value(v, imported=True) for k, v in imports.items()},
+                    parent_id=iid, family_root=state.family_root or iid)
+                self.children[cid] = Child(iid, e.node_id, e.activation, index)
+                self.send(cid, Start(self.now))
+        elif isinstance(e, engine.Finished) and iid in self.children:
+            kid = self.children[iid]
+            kid.output, kid.exports = e.result, e.exports
+            self.send(kid.parent, engine.ChildDone(
+                kid.node, kid.activation, kid.index, self.now, e.status, e.result, e.error,
+                e.exports, e.broke))
+        elif isinstance(e, engine.CollectJoin):
+            kids = sorted((k.index, cid) for cid, k in self.children.items()
+                          if (k.parent, k.node, k.activation) == (iid, e.node_id, e.activation))
+            self.send(iid, engine.JoinCollected(e.node_id, e.activation, self.now, tuple(
+                engine.Branch(self.states[cid].status, self.children[cid].output,
+                              self.states[cid].root_node.error, self.children[cid].exports)
+                for _, cid in kids)))
+        elif isinstance(e, engine.CancelChildren):
+            for cid, k in self.children.items():
+                if k.parent == iid and (e.node_id is None or (k.node, k.activation)
+                                        == (e.node_id, e.activation)):
+                    self.cancel(cid, e.reason)
+        elif isinstance(e, engine.PostSignal):
+            self.send(e.instance_id, Signal(e.name, e.data, self.now, e.node_id, e.activation,
+                                            e.returned))
+        elif isinstance(e, engine.RequestSignal):
+            self.send(e.root_id, engine.WantSignal(iid, e.node_id, e.activation, e.name,
+                                                   self.now, e.withdraw))
+
+    def cancel(self, iid: str, reason: str) -> None:
+        """df._cancel_family: cancelled at once, with every running descendant."""
+        state = self.states[iid]
+        if state.status in engine.TERMINAL:
+            return
+        state.status = "cancelled"
+        self.send(iid, Cancel(reason, self.now))
+        for cid, k in self.children.items():
+            if k.parent == iid:
+                self.cancel(cid, reason)
 
 
 # -- node types ----------------------------------------------------------------------------
@@ -97,7 +233,7 @@ def test_sql_then_sql_completes_with_right_result_and_binds_names() -> None:
     (second,) = steps(eff)
     assert second.payload["results"] == {"x": {"rows": [{"a": 1}], "row_count": 1}}
     eff = done(s, second, {"rows": [{"b": 2}], "row_count": 1})
-    assert finished(eff) == Finished("completed", None)
+    assert status_of(eff) == "completed"
     assert s.status == "completed"
     assert s.root_node.result == {"rows": [{"b": 2}], "row_count": 1}
     assert s.names == {"x": "00000001"}
@@ -107,7 +243,9 @@ def test_failed_left_fails_then_and_skips_right() -> None:
     s = store(then(sql("SELECT 1/0"), sql("SELECT 2")))
     (first,) = steps(transition(s, Start(T0))[1])
     eff = done(s, first, error="SQL execution failed: division by zero")
-    assert finished(eff) == Finished("failed", "SQL execution failed: division by zero")
+    end = finished(eff)
+    assert end is not None and end.status == "failed"
+    assert end.error == "SQL execution failed: division by zero"
     right = s.node(s.root_node.right or "")
     assert right.status == "pending"
     assert s.root_node.status == "failed"
@@ -121,7 +259,7 @@ def test_if_takes_arm_by_truthiness() -> None:
         (c,) = steps(transition(s, Start(T0))[1])
         (arm,) = steps(done(s, c, rows(*cond)))
         assert arm.payload["query"] == expected
-        assert finished(done(s, arm, rows(1))) == Finished("completed", None)
+        assert status_of(done(s, arm, rows(1))) == "completed"
 
 
 def test_if_rows_branches_on_named_result() -> None:
@@ -135,7 +273,8 @@ def test_if_rows_branches_on_named_result() -> None:
 
 
 def test_if_rows_unknown_name_fails_at_run_time() -> None:
-    s = store({"node_type": "IF", "query": '{"condition_type":"result_has_rows","result_name":"nope"}',
+    s = store({"node_type": "IF",
+               "query": '{"condition_type":"result_has_rows","result_name":"nope"}',
                "left_node": sql("a"), "right_node": sql("b")})
     eff = transition(s, Start(T0))[1]
     assert finished(eff) is not None and s.status == "failed"
@@ -143,40 +282,121 @@ def test_if_rows_unknown_name_fails_at_run_time() -> None:
 
 
 def test_join_aggregates_in_branch_order_whatever_the_completion_order() -> None:
-    s = store({"node_type": "JOIN", "left_node": sql("a"), "right_node": sql("b"),
-               "extra_nodes": [sql("c")]})
-    a, b, c = steps(transition(s, Start(T0))[1])
-    done(s, c, rows(3))
-    done(s, a, rows(1))
-    eff = done(s, b, rows(2))
-    assert finished(eff) == Finished("completed", None)
-    assert s.root_node.result == [rows(1), rows(2), rows(3)]
+    fam = Family(store({"node_type": "JOIN", "left_node": sql("a"), "right_node": sql("b"),
+                        "extra_nodes": [sql("c")]}))
+    fam.start()
+    a, b, c = fam.steps()
+    fam.answer(c, rows(3))
+    fam.answer(a, rows(1))
+    fam.answer(b, rows(2))
+    assert fam.root.status == "completed"
+    assert fam.root.root_node.result == [rows(1), rows(2), rows(3)]
+    assert len(fam.states) == 4 and all(x.status == "completed" for x in fam.states.values())
 
 
-def test_join_branch_failure_names_the_branch_and_drops_the_others() -> None:
-    s = store({"node_type": "JOIN", "left_node": sql("a"), "right_node": sql("b")})
-    a, b = steps(transition(s, Start(T0))[1])
-    eff = done(s, b, error="boom")
-    assert s.root_node.error == "JOIN branch 2 failed: boom"
-    assert any(isinstance(e, DropWork) and e.node_ids == frozenset({a.node_id}) for e in eff)
-    assert done(s, a, rows(1)) == []   # the late answer is stale
+def test_join_branch_failure_names_the_branch_and_cancels_the_others() -> None:
+    fam = Family(store({"node_type": "JOIN", "left_node": sql("a"), "right_node": sql("b")}))
+    fam.start()
+    a, b = fam.steps()
+    fam.answer(b, error="boom")
+    assert fam.root.status == "failed"
+    assert fam.root.root_node.error == "JOIN branch 2 failed: boom"
+    assert fam.states[a.instance].status == "cancelled"
+    fam.answer(a, rows(1))                  # the late answer changes nothing
+    assert fam.root.status == "failed"
 
 
-def test_race_first_finisher_wins_and_loser_is_dropped() -> None:
-    s = store({"node_type": "RACE", "left_node": sql("slow"), "right_node": sql("fast")})
-    slow, fast = steps(transition(s, Start(T0))[1])
-    eff = done(s, fast, rows(7))
-    assert finished(eff) == Finished("completed", None)
-    assert s.root_node.result == rows(7)
-    assert s.node(slow.node_id).status == "failed"
-    assert any(isinstance(e, DropWork) and slow.node_id in (e.node_ids or ()) for e in eff)
+def test_race_first_finisher_wins_and_loser_is_cancelled() -> None:
+    fam = Family(store({"node_type": "RACE", "left_node": sql("slow"),
+                        "right_node": sql("fast", "f")}))
+    fam.start()
+    slow, fast = fam.steps()
+    fam.answer(fast, rows(7))
+    assert fam.root.status == "completed"
+    assert fam.root.root_node.result == rows(7)
+    assert fam.states[slow.instance].status == "cancelled"
+    assert engine._value_of(fam.root, "f") == rows(7)     # the winner's names come back
 
 
 def test_race_first_failure_decides() -> None:
-    s = store({"node_type": "RACE", "left_node": sql("a"), "right_node": sql("b")})
-    a, _ = steps(transition(s, Start(T0))[1])
-    done(s, a, error="nope")
-    assert s.status == "failed" and s.root_node.error == "RACE left branch failed: nope"
+    fam = Family(store({"node_type": "RACE", "left_node": sql("a"), "right_node": sql("b")}))
+    fam.start()
+    a, _ = fam.steps()
+    fam.answer(a, error="nope")
+    assert fam.root.status == "failed"
+    assert fam.root.root_node.error == "RACE left branch failed: nope"
+
+
+def test_branches_import_names_they_use_and_export_names_they_bind() -> None:
+    fam = Family(store(then(sql("first", "x"), then(
+        {"node_type": "JOIN", "left_node": sql("SELECT $x", "y"), "right_node": sql("other")},
+        sql("SELECT $x, $y")))))
+    fam.start()
+    (first,) = fam.steps()
+    fam.answer(first, rows(1))
+    left, right = fam.steps()
+    assert left.payload["results"] == {"x": rows(1)}
+    assert fam.states[right.instance].names == {}      # imports only what it refers to
+    fam.answer(right, rows(3))
+    fam.answer(left, rows(2))
+    (last,) = fam.steps()
+    assert last.payload["results"] == {"x": rows(1), "y": rows(2)}
+
+
+def test_a_signal_sent_before_a_branch_waits_is_kept_by_the_root() -> None:
+    wait = {"node_type": "SIGNAL", "query": '{"signal_name":"go","timeout_seconds":null}'}
+    fam = Family(store({"node_type": "JOIN", "left_node": wait, "right_node": sql("x")}))
+    fam.root_send(Signal("go", {"early": True}, T0))    # before anything started
+    fam.start()
+    (x,) = fam.steps()
+    fam.answer(x, rows(1))
+    assert fam.root.status == "completed"
+    assert fam.root.root_node.result[0] == {"signal_name": "go", "timed_out": False,
+                                            "data": {"early": True}}
+    assert fam.root.inbox == [] and fam.root.waiters == []
+
+
+def test_a_signal_handed_to_a_wait_that_timed_out_goes_back_to_the_inbox() -> None:
+    wait = {"node_type": "SIGNAL", "query": '{"signal_name":"go","timeout_seconds":5}'}
+    fam = Family(store({"node_type": "JOIN", "left_node": wait, "right_node": sql("x")}))
+    fam.start()
+    child = next(i for i, st_ in fam.states.items() if st_.root_node.type == "SIGNAL")
+    (timer,) = [e for i, e in fam.effects if isinstance(e, StartTimer) and i == child]
+    # the root hands the signal over while the child's timeout fires: both in flight
+    fam.root_send(Signal("go", 1, T0), deliver=False)
+    fam.send(child, TimerFired(timer.node_id, timer.activation, timer.due_at))
+    fam.flush()
+    assert fam.states[child].root_node.result["timed_out"] is True
+    assert [x["data"] for x in fam.root.inbox] == [1]       # not lost
+
+
+def test_break_in_a_branch_finishes_the_loop_above_the_join() -> None:
+    fam = Family(store({"node_type": "LOOP", "left_node": {
+        "node_type": "JOIN", "left_node": sql("SELECT pg_sleep(10)"),
+        "right_node": {"node_type": "BREAK", "query": '{"break_value":"done"}'}}}))
+    fam.start()
+    assert fam.root.status == "completed"
+    assert fam.root.root_node.result == "done"
+    (sleeper,) = [x for x in fam.states.values() if x.root_node.type == "SQL"]
+    assert sleeper.status == "cancelled" and fam.steps() == []
+
+
+def test_break_in_a_branch_without_any_loop_fails_the_instance() -> None:
+    fam = Family(store({"node_type": "JOIN", "left_node": sql("a"),
+                        "right_node": {"node_type": "BREAK", "query": '{"break_value":null}'}}))
+    fam.start()
+    assert fam.root.status == "failed"
+    assert fam.root.root_node.error == "df.break() was called outside of a loop"
+
+
+def test_cancel_reaches_every_descendant() -> None:
+    fam = Family(store({"node_type": "JOIN", "left_node": sql("a"), "right_node": {
+        "node_type": "RACE", "left_node": sql("b"), "right_node": sql("c")}}))
+    fam.start()
+    assert len(fam.steps()) == 3 and len(fam.states) == 5
+    fam.send(fam.root.id, Cancel("enough", T0))
+    fam.flush()
+    assert {x.status for x in fam.states.values()} == {"cancelled"}
 
 
 def test_sleep_arms_a_timer_and_completes_when_it_fires() -> None:
@@ -207,7 +427,7 @@ def test_signal_before_the_wait_is_kept_and_delivered_in_order() -> None:
     transition(s, Signal("go", {"n": 2}, T0))
     assert [x["data"] for x in s.inbox] == [{"n": 1}, {"n": 2}]
     eff = done(s, first, rows(1))
-    assert finished(eff) == Finished("completed", None)
+    assert status_of(eff) == "completed"
     assert s.root_node.result == {"signal_name": "go", "timed_out": False, "data": {"n": 2}}
     assert s.inbox == []
 
@@ -233,20 +453,9 @@ def test_loop_with_condition_pads_iterations_to_one_second() -> None:
     assert body2.node_id == body.node_id and body2.activation > body.activation
     (cond2,) = steps(done(s, body2, rows(2), now=pad.due_at))
     eff = done(s, cond2, rows(False), now=pad.due_at)
-    assert finished(eff) == Finished("completed", None)
+    assert status_of(eff) == "completed"
     assert s.root_node.result == rows(2)
     assert s.execution_count == 2   # a root loop's iteration is a new execution
-
-
-def test_break_unwinds_through_join_to_the_loop_with_its_value() -> None:
-    s = store({"node_type": "LOOP", "left_node": {
-        "node_type": "JOIN", "left_node": sql("SELECT pg_sleep(10)"),
-        "right_node": {"node_type": "BREAK", "query": '{"break_value":"done"}'}}})
-    eff = transition(s, Start(T0))[1]
-    assert finished(eff) == Finished("completed", None)
-    assert s.root_node.result == "done"
-    # the still-running SQL branch was abandoned and its task dropped
-    assert any(isinstance(e, DropWork) and e.node_ids for e in eff)
 
 
 def test_break_value_json_is_kept_as_json() -> None:
@@ -294,10 +503,11 @@ def test_eternal_loop_keeps_constant_state() -> None:
 
 
 def test_cancel_stops_everything_and_later_answers_change_nothing() -> None:
-    s = store({"node_type": "JOIN", "left_node": sql("a"), "right_node": sql("b")})
-    a, b = steps(transition(s, Start(T0))[1])
+    s = store(then(sql("a"), sql("b")))
+    (a,) = steps(transition(s, Start(T0))[1])
     eff = transition(s, Cancel("enough", T0))[1]
-    assert Finished("cancelled", "Cancelled: enough") in eff
+    end = finished(eff)
+    assert end is not None and (end.status, end.error) == ("cancelled", "Cancelled: enough")
     assert DropWork(None) in eff
     assert done(s, a, rows(1)) == []
     assert s.status == "cancelled"
@@ -357,40 +567,61 @@ def _graph_strategy() -> st.SearchStrategy[dict[str, Any]]:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(graph=_graph_strategy(), seed=st.integers(0, 2**32 - 1))
 def test_random_graphs_always_end(graph: dict[str, Any], seed: int) -> None:
+    """Random graphs, with branches as child instances, mail delivered in random order, steps
+    failing at random, duplicate deliveries, signals at any time: every instance of the family
+    ends, and the root ends once."""
     rng = random.Random(seed)
-    s = store(graph)
-    now = T0
-    pending: list[Any] = []          # messages "in flight", delivered in random order
-    ended: list[Finished] = []
-
-    def absorb(effects: list[Any]) -> None:
-        for e in effects:
-            if isinstance(e, RunStep):
-                ok = rng.random() < 0.85
-                result = rows(rng.choice([True, False, 0, 1, "yes", None]))
-                pending.append(StepDone(e.node_id, e.activation, now,
-                                        result if ok else None, None if ok else "boom"))
-            elif isinstance(e, StartTimer):
-                pending.append(TimerFired(e.node_id, e.activation, e.due_at))
-            elif isinstance(e, Finished):
-                ended.append(e)
-
-    absorb(transition(s, Start(now))[1])
-    for i in range(3000):
-        if s.status in engine.TERMINAL:
+    fam = Family(store(graph), rng)
+    fam.start()
+    for i in range(5000):
+        if fam.root.status in engine.TERMINAL:
             break
-        if i == 2500:
-            absorb(transition(s, Cancel("took too long", now))[1])
-            continue
-        if not pending or rng.random() < 0.1:
-            # the outside world: signals for waits, duplicates of old answers
-            pending.append(Signal(rng.choice("st"), {"i": i}, now))
-        msg = pending.pop(rng.randrange(len(pending)))
-        if rng.random() < 0.05:
-            pending.append(msg)      # duplicate delivery
-        now = max(now, getattr(msg, "now", now)) + timedelta(milliseconds=rng.randint(1, 1500))
-        absorb(transition(s, msg)[1])
-    assert s.status in engine.TERMINAL, f"stuck: {s.status}"
-    assert len(ended) == 1 and ended[0].status == s.status
-    if s.status != "cancelled":
-        assert s.root_node.status == ("completed" if s.status == "completed" else "failed")
+        if i == 4000:
+            fam.cancel(fam.root.id, "took too long")
+        fam.now += timedelta(milliseconds=rng.randint(1, 1500))
+        roll = rng.random()
+        if fam.queue and roll < 0.6:
+            iid, msg = fam.queue[rng.randrange(len(fam.queue))]
+            if rng.random() < 0.05 and not isinstance(msg, Cancel):
+                fam.queue.append((iid, msg))          # duplicate delivery (a cancel is
+                                                      # posted once per instance)
+            fam.deliver_one()
+        elif fam.outstanding and roll < 0.85:
+            step = fam.outstanding.pop(rng.randrange(len(fam.outstanding)))
+            ok = rng.random() < 0.85
+            fam.send(step.instance, StepDone(
+                step.node_id, step.activation, fam.now,
+                rows(rng.choice([True, False, 0, 1, "yes", None])) if ok else None,
+                None if ok else "boom"))
+        elif roll < 0.95:
+            timers = [(iid, e) for iid, e in fam.effects if isinstance(e, StartTimer)]
+            if timers:
+                iid, t = rng.choice(timers)
+                fam.send(iid, TimerFired(t.node_id, t.activation, max(fam.now, t.due_at)))
+        else:
+            fam.root_send(Signal(rng.choice("st"), {"i": i}, fam.now), deliver=False)
+    fam.flush()
+    assert fam.root.status in engine.TERMINAL, f"stuck: {fam.root.status}"
+    ends = [e for iid, e in fam.effects if iid == fam.root.id and isinstance(e, Finished)]
+    assert len(ends) == 1 and ends[0].status == fam.root.status
+    if fam.root.status != "cancelled":
+        assert fam.root.root_node.status == (
+            "completed" if fam.root.status == "completed" else "failed")
+    # no child outlives the root
+    assert all(x.status in engine.TERMINAL for x in fam.states.values()), {
+        x.id: x.status for x in fam.states.values()}
+
+
+def test_a_loop_below_the_root_carries_names_into_the_next_iteration() -> None:
+    s = store(then(sql("first"), {"node_type": "LOOP", "left_node": then(
+        sql("SELECT $prev", "prev"), {"node_type": "SLEEP", "query": "0"})}))
+    now = T0
+    (first,) = steps(transition(s, Start(now))[1])
+    (body,) = steps(done(s, first, rows(0)))
+    assert body.payload["results"] == {}
+    eff = done(s, body, rows(1))
+    (timer,) = [e for e in eff if isinstance(e, StartTimer)]
+    now += timedelta(seconds=2)
+    eff = transition(s, TimerFired(timer.node_id, timer.activation, now))[1]
+    (body,) = steps(eff)
+    assert body.payload["results"] == {"prev": rows(1)}     # last iteration's value
