@@ -7,6 +7,7 @@ LISTEN connection that died and came back) costs latency, never work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Iterable
 from typing import Any
@@ -110,10 +111,8 @@ class Listener:
 
     async def wait(self, timeout: float) -> None:
         """Wait for a notification or `timeout` seconds, whichever comes first."""
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), timeout)
-        except TimeoutError:
-            pass
         self.wake.clear()
 
     def take_payloads(self) -> list[tuple[str, str]]:

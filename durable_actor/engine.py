@@ -511,7 +511,26 @@ def _activate_step(state: InstanceState, node: Node, now: datetime,
                             label=state.label)
     payload: dict[str, Any] = {"query": text, "node_type": node.type}
     payload["results"] = _results_for(state, text)
+    if STEP_KINDS[node.type] == "http":
+        payload["idempotency_key"] = _idempotency_key(state, node)
     effects.append(RunStep(node.id, node.activation, STEP_KINDS[node.type], payload))
+
+
+def _idempotency_key(state: InstanceState, node: Node) -> str:
+    """``<instance>-<node>``, then the iteration of each enclosing loop, outermost first.
+
+    The same for every attempt at one run of the step (a redo after a crash sends the same
+    payload); a new loop iteration is a new call and gets a new key.
+    """
+    iterations: list[str] = []
+    parent = node.parent
+    while parent is not None and parent in state.graph.nodes:
+        ancestor = state.node(parent)
+        if ancestor.type == "LOOP":
+            iterations.append(str((ancestor.details or {}).get("iteration", 0)))
+        parent = ancestor.parent
+    key = f"{state.id}-{node.id}"
+    return f"{key}-{'.'.join(reversed(iterations))}" if iterations else key
 
 
 def _activate_then(state: InstanceState, node: Node, now: datetime,

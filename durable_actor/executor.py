@@ -22,6 +22,11 @@ outside the claim: the executor commits a lease (lease_until, lease_token) first
 step on its own connection, and completes the task only if its lease token still matches. A
 crash between the step and the completion runs the step again once the lease expires.
 
+HTTP steps always run this way (``steps/http.py``). Their lease lasts the call's own time-out
+plus a margin, the HTTP calls of one batch run concurrently (they wait on the network, not on
+the database), and each carries an idempotency key that is the same on every attempt, so the
+receiver can recognise a call that a crash made us repeat.
+
 Sharding
 --------
 Tasks carry shard = crc32(instance id) mod `shards`; executor i of N prefers the shards
@@ -53,6 +58,7 @@ from durable_actor.config import Settings
 from durable_actor.errors import StepError
 from durable_actor.loop import Loop
 from durable_actor.queries import q
+from durable_actor.steps import http as http_step
 from durable_actor.steps import sql as sql_step
 
 NON_TRANSACTIONAL = "25001"   # active_sql_transaction: "… cannot run inside a transaction block"
@@ -81,6 +87,7 @@ class Executor(Loop):
         self.batch_cut = False
         self.cut_request: asyncio.Task[None] | None = None
         self.database: str | None = None
+        self.http = http_step.HttpCaller()
         self.log = self.log.bind(executor=index)
 
     def connection_options(self) -> dict[str, str]:
@@ -94,6 +101,7 @@ class Executor(Loop):
         finally:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
+            await self.http.aclose()
 
     async def work_once(self, conn: psycopg.AsyncConnection[Any]) -> int:
         if self.database is None:
@@ -149,8 +157,10 @@ class Executor(Loop):
                     "payloads": [o.payload for o in done],
                 })
                 await cur.execute("SELECT pg_notify('df_mailbox', '')")
+        await self._run_http_many(conn, [(t, tok) for t, tok in deferred if t["kind"] == "http"])
         for task, token in deferred:
-            await self._run_leased(conn, task, token)
+            if task["kind"] != "http":
+                await self._run_leased(conn, task, token)
         return claimed
 
     # -- claiming ---------------------------------------------------------------------------
@@ -231,8 +241,11 @@ class Executor(Loop):
     # -- leased steps (at least once) --------------------------------------------------------
 
     async def _lease(self, cur: psycopg.AsyncCursor[Any], task: dict[str, Any]) -> int:
+        seconds = self.settings.lease_seconds
+        if task["kind"] == "http":   # the call may take its whole time-out
+            seconds = max(seconds, http_step.timeout_of(task["payload"]) + http_step.LEASE_MARGIN)
         await cur.execute(q("task_lease"), {"id": task["id"], "worker": self.worker_id,
-                                            "seconds": self.settings.lease_seconds})
+                                            "seconds": seconds})
         row = await cur.fetchone()
         return int(row["lease_token"]) if row else 0
 
@@ -244,14 +257,52 @@ class Executor(Loop):
             outcome = self._outcome(task, result=result, started=started)
         except StepError as exc:
             outcome = self._outcome(task, error=str(exc), started=started)
+        await self._complete_leased(conn, outcome, token)
+
+    async def _complete_leased(self, conn: psycopg.AsyncConnection[Any], outcome: Outcome,
+                               token: int) -> None:
         async with conn.transaction():
-            await conn.execute(q("task_complete_leased"),
-                               {"id": task["id"], "token": token, "payload": outcome.payload})
+            await conn.execute(q("task_complete_leased"), {
+                "id": outcome.task["id"], "token": token, "payload": outcome.payload})
             await conn.execute("SELECT pg_notify('df_mailbox', '')")
 
+    async def _run_http_many(self, conn: psycopg.AsyncConnection[Any],
+                             leased: list[tuple[dict[str, Any], int]]) -> None:
+        """Read each step's policy, make the calls concurrently, then complete them."""
+        if not leased:
+            return
+        policies: list[http_step.Policy | StepError] = []
+        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            for task, _ in leased:
+                function = http_step.FUNCTIONS.get(task["payload"].get("node_type"),
+                                                   http_step.FUNCTIONS["HTTP"])
+                await cur.execute(q("http_policy_get"),
+                                  {"function": function, "role": task["role"]})
+                try:
+                    policies.append(http_step.Policy.from_row(await cur.fetchone()))
+                except StepError as exc:
+                    policies.append(exc)
+        outcomes = await asyncio.gather(*(self._call_http(task, policy) for (task, _), policy
+                                          in zip(leased, policies, strict=True)))
+        for outcome, (_, token) in zip(outcomes, leased, strict=True):
+            await self._complete_leased(conn, outcome, token)
+
+    async def _call_http(self, task: dict[str, Any],
+                         policy: http_step.Policy | StepError) -> Outcome:
+        started = time.monotonic()
+        try:
+            if isinstance(policy, StepError):
+                raise policy
+            result = await self.http.call(task, policy)
+            return self._outcome(task, result=result, started=started)
+        except StepError as exc:
+            return self._outcome(task, error=str(exc), started=started)
+        except Exception as exc:    # a fault of ours must fail the step, not the batch
+            self.log.exception("http_step_crashed", instance_id=task["instance_id"],
+                               node_id=task["node_id"])
+            return self._outcome(task, error=f"HTTP request failed: {exc!r}", started=started)
+
     async def _run_outside(self, task: dict[str, Any]) -> Any:
-        if task["kind"] == "http":
-            raise StepError("HTTP steps are not available in this version of durable-actor")
         dsn = self.dsn
         if task["database"] and task["database"] != self.database:
             dsn = make_conninfo(self.dsn, dbname=task["database"])
