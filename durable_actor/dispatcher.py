@@ -216,6 +216,7 @@ class Dispatcher(Loop):
                     for k in kids]})
             await cur.execute(q("children_copy_nodes"), spawn)
             await cur.execute("SELECT pg_notify('df_mailbox', '')")
+        await self._spawn_rows(cur, effects)
         for iid, e in effects:
             if isinstance(e, engine.CancelChildren):
                 await cur.execute(q("children_cancel"), {
@@ -247,6 +248,36 @@ class Dispatcher(Loop):
                     "node_ids": [m[2] for m in mail], "activations": [m[3] for m in mail],
                     "payloads": [m[4] for m in mail]})
             await cur.execute("SELECT pg_notify('df_mailbox', '')")
+
+    async def _spawn_rows(self, cur: psycopg.AsyncCursor[Any],
+                          effects: list[tuple[str, engine.Effect]]) -> None:
+        """FOREACH: drop finished nodes' stored rows, clear earlier runs' children, and
+        start one child per row handed out."""
+        drops = [(iid, e.node_id) for iid, e in effects if isinstance(e, engine.DropRows)]
+        if drops:
+            await cur.execute(q("foreach_drop_rows"), {
+                "parents": [d[0] for d in drops], "nodes": [d[1] for d in drops]})
+        spawns = [(iid, e) for iid, e in effects if isinstance(e, engine.SpawnRows)]
+        if not spawns:
+            return
+        firsts = [(iid, e) for iid, e in spawns if e.first == 0]
+        if firsts:
+            await cur.execute(q("children_clear"), {
+                "parents": [iid for iid, _ in firsts],
+                "nodes": [e.node_id for _, e in firsts],
+                "activations": [e.activation for _, e in firsts]})
+        kids = [(iid, e, n) for iid, e in spawns for n in range(e.first + 1, e.first + e.count + 1)]
+        ids = await self._fresh_ids(cur, len(kids))
+        await cur.execute(q("foreach_spawn"), {
+            "ids": ids, "parents": [k[0] for k in kids], "nodes": [k[1].node_id for k in kids],
+            "activations": [k[1].activation for k in kids], "ns": [k[2] for k in kids],
+            "roots": [k[1].body for k in kids], "row_names": [k[1].name for k in kids],
+            "imports": [_dumps(engine.names_to_json(
+                {n: engine.Value(v, imported=True) for n, v in k[1].imports.items()}))
+                for k in kids]})
+        await cur.execute(q("children_copy_nodes"), {
+            "ids": ids, "parents": [k[0] for k in kids], "roots": [k[1].body for k in kids]})
+        await cur.execute("SELECT pg_notify('df_mailbox', '')")
 
     async def _fresh_ids(self, cur: psycopg.AsyncCursor[Any], count: int) -> list[str]:
         """`count` unused instance ids (8 hex digits, as df.start makes them)."""

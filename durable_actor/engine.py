@@ -240,6 +240,27 @@ class SpawnChildren:
 
 
 @dataclass(frozen=True)
+class SpawnRows:
+    """Run a FOREACH body for rows first+1 … first+count of its stored rows, one child each;
+    in the child the row is the result named `name`."""
+
+    node_id: str
+    activation: int
+    body: str
+    name: str
+    first: int
+    count: int
+    imports: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DropRows:
+    """A FOREACH node is done with its stored rows."""
+
+    node_id: str
+
+
+@dataclass(frozen=True)
 class CollectJoin:
     """All branches are done: read their outcomes and answer with JoinCollected."""
 
@@ -290,8 +311,12 @@ class Finished:
     broke: bool = False
 
 
-Effect = (RunStep | StartTimer | DropWork | SpawnChildren | CollectJoin | CancelChildren
-          | PostSignal | RequestSignal | Finished)
+Effect = (RunStep | StartTimer | DropWork | SpawnChildren | SpawnRows | DropRows | CollectJoin
+          | CancelChildren | PostSignal | RequestSignal | Finished)
+
+# A FOREACH over at most this many rows completes with the list of their results; above it,
+# with counts only (the children keep their results).
+FOREACH_RESULTS_LIMIT = 1000
 
 
 # --------------------------------------------------------------------------------------
@@ -335,6 +360,9 @@ def _apply_start(state: InstanceState, msg: Start, effects: list[Effect]) -> Non
 
 def _apply_step_done(state: InstanceState, msg: StepDone, effects: list[Effect]) -> None:
     node = _current(state, msg.node_id, msg.activation)
+    if node is not None and node.type == "FOREACH":
+        _foreach_rows_stored(state, node, msg, effects)
+        return
     if node is None or node.type not in STEP_KINDS:
         return
     if msg.error is not None:
@@ -430,11 +458,14 @@ def _deliver(state: InstanceState, node: Node, data: Any, now: datetime,
 
 def _apply_child_done(state: InstanceState, msg: ChildDone, effects: list[Effect]) -> None:
     node = _current(state, msg.node_id, msg.activation)
-    if node is None or node.type not in ("JOIN", "RACE"):
+    if node is None or node.type not in ("JOIN", "RACE", "FOREACH"):
         return
     if msg.broke:
         effects.append(CancelChildren(node.id, node.activation, "df.break()"))
         _break_from(state, node, msg.result, msg.now, effects)
+        return
+    if node.type == "FOREACH":
+        _foreach_child_done(state, node, msg, effects)
         return
     if node.type == "RACE":
         effects.append(CancelChildren(node.id, node.activation, "RACE lost"))
@@ -461,13 +492,17 @@ def _apply_child_done(state: InstanceState, msg: ChildDone, effects: list[Effect
 def _apply_join_collected(state: InstanceState, msg: JoinCollected,
                           effects: list[Effect]) -> None:
     node = _current(state, msg.node_id, msg.activation)
-    if node is None or node.type != "JOIN":
+    if node is None or node.type not in ("JOIN", "FOREACH"):
         return
     for index, branch in enumerate(msg.branches):
         if branch.status != "completed":
-            _fail(state, node, f"JOIN branch {index + 1} failed: {branch.error}", msg.now,
-                  effects)
+            what = "JOIN branch" if node.type == "JOIN" else "FOREACH row"
+            _fail(state, node, f"{what} {index + 1} failed: {branch.error}", msg.now, effects)
             return
+    if node.type == "FOREACH":       # names bound per row stay in that row's child
+        effects.append(DropRows(node.id))
+        _complete(state, node, [b.result for b in msg.branches], msg.now, effects)
+        return
     for branch in msg.branches:         # branch order: a later branch's name wins
         _merge(state, branch.exports)
     _complete(state, node, [b.result for b in msg.branches], msg.now, effects)
@@ -565,6 +600,90 @@ def _activate_parallel(state: InstanceState, node: Node, now: datetime,
                                  tuple(_imports(state, b) for b in branches)))
 
 
+def _activate_foreach(state: InstanceState, node: Node, now: datetime,
+                      effects: list[Effect]) -> None:
+    """First store the rows, by one SQL step run as the submitter: the source query's rows
+    (or the named result's) go into df.foreach_rows inside the database."""
+    cfg = node.config()
+    name = cfg.get("name")
+    if node.left is None:
+        raise StepError("FOREACH node has no body")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise StepError("FOREACH node needs a row name")
+    source = cfg.get("source_query")
+    if source is None:
+        if name not in state.names:
+            raise StepError(f"df.foreach: no result named '{name}'")
+        source = f"SELECT * FROM ${name}.*"
+    text = refs.expand_vars(str(source), state.vars, instance_id=state.id, label=state.label)
+    text = text.strip().rstrip(";")
+    query = ("WITH stored AS (INSERT INTO df.foreach_rows"
+             " (instance_id, node_id, activation, n, row)"
+             f" SELECT '{state.id}', '{node.id}', {int(node.activation)},"
+             " row_number() OVER (), row_to_json(source_row)::text"
+             f" FROM ({text}\n) AS source_row RETURNING 1)"
+             " SELECT count(*) AS n FROM stored")
+    effects.append(DropRows(node.id))
+    node.details = {"stored": False}
+    effects.append(RunStep(node.id, node.activation, "sql", {
+        "query": query, "node_type": "FOREACH", "results": _results_for(state, text)}))
+
+
+def _foreach_rows_stored(state: InstanceState, node: Node, msg: StepDone,
+                         effects: list[Effect]) -> None:
+    if (node.details or {}).get("stored"):
+        return                                  # a duplicate answer
+    if msg.error is not None:
+        _fail(state, node, f"df.foreach: reading the rows failed: {msg.error}", msg.now,
+              effects)
+        return
+    try:
+        total = int(msg.result["rows"][0]["n"])
+    except (TypeError, KeyError, IndexError, ValueError):
+        _fail(state, node, "df.foreach: the rows could not be stored", msg.now, effects)
+        return
+    if total == 0:
+        effects.append(DropRows(node.id))
+        _complete(state, node, [], msg.now, effects)
+        return
+    cfg = node.config()
+    width = min(int(cfg.get("max_parallel") or 1), total)
+    _set(state, node, details={"stored": True, "total": total, "started": width, "done": 0})
+    assert node.left is not None
+    imports = _imports(state, node.left)
+    imports.pop(str(cfg["name"]), None)
+    effects.append(SpawnRows(node.id, node.activation, node.left, str(cfg["name"]), 0, width,
+                             imports))
+
+
+def _foreach_child_done(state: InstanceState, node: Node, msg: ChildDone,
+                        effects: list[Effect]) -> None:
+    details = dict(node.details or {})
+    if msg.status != "completed":
+        effects.append(CancelChildren(node.id, node.activation, "FOREACH failed"))
+        effects.append(DropRows(node.id))
+        _fail(state, node, f"FOREACH row {msg.index + 1} failed: {msg.error}", msg.now, effects)
+        return
+    total, started = int(details["total"]), int(details["started"])
+    details["done"] = int(details["done"]) + 1
+    if started < total:
+        details["started"] = started + 1
+        cfg = node.config()
+        assert node.left is not None
+        imports = _imports(state, node.left)
+        imports.pop(str(cfg["name"]), None)
+        effects.append(SpawnRows(node.id, node.activation, node.left, str(cfg["name"]),
+                                 started, 1, imports))
+    _set(state, node, details=details)
+    if details["done"] < total:
+        return
+    if total <= FOREACH_RESULTS_LIMIT:
+        effects.append(CollectJoin(node.id, node.activation))
+    else:
+        effects.append(DropRows(node.id))
+        _complete(state, node, {"row_count": total, "completed": total}, msg.now, effects)
+
+
 def _imports(state: InstanceState, branch: str) -> dict[str, Any]:
     """The named results a branch refers to, by value: its child instance cannot see ours."""
     out: dict[str, Any] = {}
@@ -658,7 +777,8 @@ def _activate_signal(state: InstanceState, node: Node, now: datetime,
 _ACTIVATE = {
     "SQL": _activate_step, "HTTP": _activate_step, "HTTP_MULTIPART": _activate_step,
     "THEN": _activate_then, "IF": _activate_if, "JOIN": _activate_parallel,
-    "RACE": _activate_parallel, "LOOP": _activate_loop, "BREAK": _activate_break,
+    "RACE": _activate_parallel, "FOREACH": _activate_foreach, "LOOP": _activate_loop,
+    "BREAK": _activate_break,
     "SLEEP": _activate_sleep, "WAIT_SCHEDULE": _activate_schedule, "SIGNAL": _activate_signal,
 }
 
@@ -827,7 +947,7 @@ def _abandon_subtree(state: InstanceState, top: Node, reason: str, *, except_ids
         _set(state, node, status="failed", error=f"Cancelled: {reason}",
              result=f"Cancelled: {reason}")
         dropped.add(nid)
-        if node.type in ("JOIN", "RACE"):
+        if node.type in ("JOIN", "RACE", "FOREACH"):
             effects.append(CancelChildren(node.id, node.activation, reason))
     if dropped:
         effects.append(DropWork(frozenset(dropped)))

@@ -90,7 +90,7 @@ $$;
 CREATE FUNCTION df._node_types() RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY['SQL', 'THEN', 'IF', 'JOIN', 'LOOP', 'BREAK', 'RACE', 'SLEEP', 'WAIT_SCHEDULE',
-                 'HTTP', 'HTTP_MULTIPART', 'SIGNAL']
+                 'HTTP', 'HTTP_MULTIPART', 'SIGNAL', 'FOREACH']
 $$;
 
 -- --------------------------------------------------------------------------------------
@@ -801,7 +801,7 @@ BEGIN
                 format('extra_nodes is not valid for %s nodes', r.nt)
             WHEN k.has_left AND r.nt = ANY (v_leaves) THEN
                 format('left_node is not valid for %s nodes', r.nt)
-            WHEN k.has_right AND (r.nt = ANY (v_leaves) OR r.nt = 'LOOP') THEN
+            WHEN k.has_right AND (r.nt = ANY (v_leaves) OR r.nt IN ('LOOP', 'FOREACH')) THEN
                 format('right_node is not valid for %s nodes', r.nt)
             WHEN r.nt IN ('IF', 'LOOP') AND c.cfg ? 'condition_node' THEN
                 format('condition_node in %s must be a first-class Durofut field, not embedded in query',
@@ -819,9 +819,22 @@ BEGIN
                  AND NOT coalesce(c.cfg ->> 'condition_type' = 'result_has_rows'
                                   AND jsonb_typeof(c.cfg -> 'result_name') = 'string', false) THEN
                 'IF node needs a condition_node (or a result_has_rows config in query)'
-            WHEN r.nt IN ('JOIN', 'RACE', 'LOOP') AND NOT coalesce(k.has_left, false) THEN
+            WHEN r.nt IN ('JOIN', 'RACE', 'LOOP', 'FOREACH') AND NOT coalesce(k.has_left, false) THEN
                 format('%s node needs %s in left_node', r.nt,
-                       CASE r.nt WHEN 'LOOP' THEN 'a body' ELSE 'a branch' END)
+                       CASE WHEN r.nt IN ('LOOP', 'FOREACH') THEN 'a body' ELSE 'a branch' END)
+            WHEN r.nt = 'FOREACH' AND (jsonb_typeof(c.cfg) IS DISTINCT FROM 'object'
+                                       OR coalesce(c.cfg ->> 'name', '') !~ '^[A-Za-z_][A-Za-z0-9_]*$') THEN
+                'FOREACH query must be a JSON config with a row name (an identifier)'
+            WHEN r.nt = 'FOREACH' AND jsonb_typeof(c.cfg -> 'max_parallel') IS DISTINCT FROM 'number' THEN
+                'FOREACH max_parallel must be a number from 1 to 1000'
+            WHEN r.nt = 'FOREACH' AND NOT (c.cfg ->> 'max_parallel') ~ '^[0-9]+$' THEN
+                'FOREACH max_parallel must be a number from 1 to 1000'
+            WHEN r.nt = 'FOREACH' AND NOT (c.cfg ->> 'max_parallel')::numeric BETWEEN 1 AND 1000 THEN
+                'FOREACH max_parallel must be a number from 1 to 1000'
+            WHEN r.nt = 'FOREACH' AND c.cfg ? 'source_query'
+                 AND (jsonb_typeof(c.cfg -> 'source_query') IS DISTINCT FROM 'string'
+                      OR btrim(c.cfg ->> 'source_query', E' \t\r\n;') = '') THEN
+                'FOREACH source_query must be a non-empty SQL query'
             -- leaves
             WHEN r.nt = 'SQL' AND r.q IS NULL THEN 'SQL node needs a query'
             WHEN r.nt = 'SQL' AND btrim(r.q, E' \t\r\n;') = '' THEN
@@ -849,7 +862,7 @@ BEGIN
           FROM r
           LEFT JOIN kids k ON k.pord = r.ord
           LEFT JOIN LATERAL (
-                SELECT CASE WHEN r.nt IN ('IF', 'LOOP', 'JOIN', 'RACE', 'WAIT_SCHEDULE', 'SIGNAL',
+                SELECT CASE WHEN r.nt IN ('IF', 'LOOP', 'JOIN', 'RACE', 'FOREACH', 'WAIT_SCHEDULE', 'SIGNAL',
                                           'HTTP', 'HTTP_MULTIPART', 'BREAK')
                                  AND r.q ~ '^\s*\{' THEN df._try_jsonb(r.q) END AS cfg
               ) c ON true
@@ -1025,7 +1038,7 @@ DECLARE
     v_a text;
     v_b text;
 BEGIN
-    IF v_type IN ('WAIT_SCHEDULE', 'HTTP', 'HTTP_MULTIPART', 'SIGNAL', 'BREAK')
+    IF v_type IN ('WAIT_SCHEDULE', 'HTTP', 'HTTP_MULTIPART', 'SIGNAL', 'BREAK', 'FOREACH')
        AND v_query ~ '^\s*\{' THEN
         v_cfg := df._try_jsonb(v_query);
     END IF;
@@ -1085,6 +1098,10 @@ BEGIN
                || ')' || v_suffix;
     WHEN 'RACE' THEN
         RETURN 'RACE' || v_suffix;
+    WHEN 'FOREACH' THEN
+        RETURN 'FOREACH row ''' || coalesce(v_cfg ->> 'name', '?') || ''' of '
+               || CASE WHEN v_cfg ? 'source_query' THEN 'query' ELSE '$' || coalesce(v_cfg ->> 'name', '?') END
+               || ' (' || coalesce(v_cfg ->> 'max_parallel', '?') || ' at a time)' || v_suffix;
     WHEN 'THEN' THEN
         RETURN 'SEQUENCE';
     ELSE
@@ -1102,9 +1119,10 @@ DECLARE
     i int;
 BEGIN
     CASE p ->> 't'
-    WHEN 'LOOP' THEN
+    WHEN 'LOOP', 'FOREACH' THEN
         IF p ->> 'l' IS NOT NULL THEN
-            RETURN QUERY VALUES ('line', p_prefix || '↻ body:', NULL::text, NULL::boolean),
+            RETURN QUERY VALUES ('line', p_prefix || CASE p ->> 't' WHEN 'LOOP' THEN '↻ body:'
+                                                     ELSE '⇉ per row:' END, NULL::text, NULL::boolean),
                                 ('node', p ->> 'l', p_prefix || '  ', true);
         END IF;
         IF p ->> 'c' IS NOT NULL THEN

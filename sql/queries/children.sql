@@ -99,3 +99,30 @@ FROM unnest(%(parents)s::text[], %(nodes)s::text[], %(activations)s::bigint[])
 JOIN df.instances c ON c.parent_id = u.parent AND c.parent_node = u.node
                    AND c.parent_activation = u.activation
 ORDER BY c.parent_id, c.parent_node, c.branch_index;
+
+-- name: foreach_spawn
+-- One child per stored row: the body's copy comes from children_copy_nodes; the row becomes
+-- the one-row result named after the FOREACH (`$doc.id`), beside the names it imports.
+WITH spawned AS (
+    INSERT INTO df.instances (id, label, root_node, status, submitted_by, database, parent_id,
+                              parent_node, parent_activation, branch_index, family_root,
+                              transaction_mode, vars, names)
+    SELECT u.id, p.label, u.root, 'pending', p.submitted_by, p.database, p.id, u.node,
+           u.activation, u.n - 1, coalesce(p.family_root, p.id), p.transaction_mode, p.vars,
+           u.imports || jsonb_build_object(u.name, jsonb_build_object(
+               'value', '{"rows":[' || r.row || '],"row_count":1}', 'imported', true))
+    FROM unnest(%(ids)s::text[], %(parents)s::text[], %(nodes)s::text[],
+                %(activations)s::bigint[], %(ns)s::bigint[], %(roots)s::text[],
+                %(row_names)s::text[], %(imports)s::jsonb[])
+         AS u(id, parent, node, activation, n, root, name, imports)
+    JOIN df.instances p ON p.id = u.parent
+    JOIN df.foreach_rows r ON r.instance_id = u.parent AND r.node_id = u.node
+                          AND r.activation = u.activation AND r.n = u.n
+    RETURNING id
+)
+INSERT INTO df.mailbox (instance_id, kind) SELECT id, 'start' FROM spawned;
+
+-- name: foreach_drop_rows
+DELETE FROM df.foreach_rows r
+USING unnest(%(parents)s::text[], %(nodes)s::text[]) AS u(parent, node)
+WHERE r.instance_id = u.parent AND r.node_id = u.node;

@@ -276,3 +276,77 @@ def test_kill_9_of_an_executor_during_a_200_branch_join(db: Conn, runtime: Runti
     assert wait(db, i, 120) == "completed"     # the supervisor restarted the executors
     assert one(db, "SELECT count(*) FROM join_ledger") == 200   # each exactly once (PK)
     assert [r["rows"][0]["branch"] for r in result(db, i)] == list(range(1, 201))
+
+
+# -- FOREACH ----------------------------------------------------------------------------------
+
+def test_foreach_runs_the_body_once_per_row_in_order(db: Conn) -> None:
+    i = start(db, "$$SELECT g AS id, 'u' || g AS url FROM generate_series(1, 6) g$$ |=> 'doc'"
+                  " ~> df.foreach('doc', $$SELECT $doc.id * 10 AS x, $doc.url AS u$$, 2)")
+    assert wait(db, i) == "completed"
+    assert result(db, i) == [{"rows": [{"x": 10 * g, "u": f"u{g}"}], "row_count": 1}
+                             for g in range(1, 7)]
+    assert len(children(db, i)) == 6
+
+
+def test_foreach_never_runs_more_than_max_parallel_rows(db: Conn) -> None:
+    i = start(db, "df.foreach_query($$SELECT g FROM generate_series(1, 12) g$$, 'r',"
+                  " $$SELECT pg_sleep(0.05), $r.g AS g$$, max_parallel => 3)")
+    most = 0
+
+    def watch() -> bool:
+        nonlocal most
+        most = max(most, one(db, "SELECT count(*) FROM df.instances WHERE parent_id = %s"
+                                 " AND status IN ('pending', 'running')", i))
+        return one(db, "SELECT status FROM df.instances WHERE id = %s", i) == "completed"
+
+    until_sync(watch, timeout=60, every=0.005)
+    assert 1 <= most <= 3
+    assert [r["rows"][0]["g"] for r in result(db, i)] == list(range(1, 13))
+
+
+def test_foreach_query_sees_earlier_names_and_nests(db: Conn) -> None:
+    i = start(db, "$$SELECT 100 AS base$$ |=> 'b' ~> df.foreach_query("
+                  "$$SELECT $b.base + g AS v FROM generate_series(1, 2) g$$, 'r',"
+                  " df.foreach_query($$SELECT $r.v * 10 + g AS w FROM generate_series(1, 2) g$$,"
+                  " 'q', $$SELECT $q.w AS w$$))")
+    assert wait(db, i) == "completed"
+    assert [[x["rows"][0]["w"] for x in inner] for inner in result(db, i)] == [
+        [1011, 1012], [1021, 1022]]
+
+
+def test_foreach_over_no_rows_completes_empty(db: Conn) -> None:
+    i = start(db, "$$SELECT 1 AS id WHERE false$$ |=> 'none' ~> df.foreach('none', $$SELECT 1$$)")
+    assert wait(db, i) == "completed"
+    assert result(db, i) == []
+
+
+def test_a_failing_row_fails_the_foreach(db: Conn) -> None:
+    i = start(db, "df.foreach_query($$SELECT g FROM generate_series(1, 5) g$$, 'r',"
+                  " $$SELECT 10 / ($r.g - 3) AS v$$, 1)")
+    assert wait(db, i) == "failed"
+    assert "FOREACH row 3 failed: SQL execution failed: division by zero" in one(
+        db, "SELECT string_agg(error, ' ') FROM df.nodes WHERE instance_id = %s", i)
+    assert one(db, "SELECT count(*) FROM df.foreach_rows WHERE instance_id = %s", i) == 0
+
+
+def test_foreach_above_the_results_limit_reports_counts(db: Conn) -> None:
+    db.execute("CREATE TABLE foreach_ledger (n int PRIMARY KEY)")
+    i = start(db, "df.foreach_query($$SELECT g FROM generate_series(1, 1500) g$$, 'r',"
+                  " $$INSERT INTO foreach_ledger VALUES ($r.g)$$, max_parallel => 100)")
+    assert wait(db, i, 240) == "completed"
+    assert result(db, i) == {"row_count": 1500, "completed": 1500}
+    assert one(db, "SELECT count(*) FROM foreach_ledger") == 1500
+    assert one(db, "SELECT count(*) FROM df.foreach_rows WHERE instance_id = %s", i) == 0
+
+
+def test_foreach_is_checked_when_built_and_explained(db: Conn) -> None:
+    with pytest.raises(psycopg.Error, match="max_parallel must be from 1 to 1000, got 0"):
+        db.execute("SELECT df.foreach('doc', 'SELECT 1', 0)")
+    with pytest.raises(psycopg.Error, match="row name 'a b' is not a valid identifier"):
+        db.execute("SELECT df.foreach('a b', 'SELECT 1')")
+    with pytest.raises(psycopg.Error, match="FOREACH node needs a body"):
+        db.execute("SELECT df.start(%s)", ('{"node_type":"FOREACH",'
+                                             '"query":"{\\"name\\":\\"d\\",\\"max_parallel\\":2}"}',))
+    text = one(db, "SELECT df.explain(df.foreach('doc', $$SELECT $doc.id$$, 4))")
+    assert "FOREACH row 'doc' of $doc (4 at a time)" in text and "per row:" in text

@@ -126,6 +126,7 @@ class Family:
         self.outstanding: list[Step] = []
         self.rng = rng
         self.now = T0
+        self.rows: dict[tuple[str, str], list[dict[str, Any]]] = {}   # df.foreach_rows
 
     def start(self) -> None:
         self.send(self.root.id, Start(self.now))
@@ -167,7 +168,6 @@ class Family:
             self.route(iid, e)
 
     def route(self, iid: str, e: Any) -> None:
-        state = self.states[iid]
         if isinstance(e, RunStep):
             self.outstanding.append(Step(iid, e.node_id, e.activation, e.payload))
         elif isinstance(e, DropWork):
@@ -175,22 +175,18 @@ class Family:
                 x.instance == iid and (e.node_ids is None or x.node_id in e.node_ids))]
         elif isinstance(e, engine.SpawnChildren):
             for index, (branch, imports) in enumerate(zip(e.branches, e.imports, strict=True)):
-                cid = f"c{len(self.states):07x}"
-                nodes = {nid: dataclasses.replace(state.node(nid), status="pending",
-                                                  result=None, error=None, activation=0)
-                         for nid in state.graph.subtree(branch)}
-                self.states[cid] = InstanceState(
-                    id=cid, root=branch, graph=Graph(nodes), vars=dict(state.vars),
-                    names={k: engine.Value(v, imported=True) for k, v in imports.items()},
-                    parent_id=iid, family_root=state.family_root or iid)
-                self.children[cid] = Child(iid, e.node_id, e.activation, index)
-                self.send(cid, Start(self.now))
+                self.spawn(iid, e.node_id, e.activation, index, branch, imports)
         elif isinstance(e, engine.Finished) and iid in self.children:
             kid = self.children[iid]
             kid.output, kid.exports = e.result, e.exports
             self.send(kid.parent, engine.ChildDone(
                 kid.node, kid.activation, kid.index, self.now, e.status, e.result, e.error,
                 e.exports, e.broke))
+        elif isinstance(e, engine.SpawnRows):
+            for n in range(e.first, e.first + e.count):
+                row = self.rows[(iid, e.node_id)][n]
+                self.spawn(iid, e.node_id, e.activation, n, e.body, {
+                    **e.imports, e.name: {"rows": [row], "row_count": 1}})
         elif isinstance(e, engine.CollectJoin):
             kids = sorted((k.index, cid) for cid, k in self.children.items()
                           if (k.parent, k.node, k.activation) == (iid, e.node_id, e.activation))
@@ -209,6 +205,20 @@ class Family:
         elif isinstance(e, engine.RequestSignal):
             self.send(e.root_id, engine.WantSignal(iid, e.node_id, e.activation, e.name,
                                                    self.now, e.withdraw))
+
+    def spawn(self, iid: str, node: str, activation: int, index: int, branch: str,
+              imports: dict[str, Any]) -> None:
+        state = self.states[iid]
+        cid = f"c{len(self.states):07x}"
+        nodes = {nid: dataclasses.replace(state.node(nid), status="pending", result=None,
+                                          error=None, activation=0)
+                 for nid in state.graph.subtree(branch)}
+        self.states[cid] = InstanceState(
+            id=cid, root=branch, graph=Graph(nodes), vars=dict(state.vars),
+            names={k: engine.Value(v, imported=True) for k, v in imports.items()},
+            parent_id=iid, family_root=state.family_root or iid)
+        self.children[cid] = Child(iid, node, activation, index)
+        self.send(cid, Start(self.now))
 
     def cancel(self, iid: str, reason: str) -> None:
         """df._cancel_family: cancelled at once, with every running descendant."""
@@ -625,3 +635,27 @@ def test_a_loop_below_the_root_carries_names_into_the_next_iteration() -> None:
     eff = transition(s, TimerFired(timer.node_id, timer.activation, now))[1]
     (body,) = steps(eff)
     assert body.payload["results"] == {"prev": rows(1)}     # last iteration's value
+
+
+def test_foreach_keeps_max_parallel_children_and_collects_in_row_order() -> None:
+    body = sql("SELECT $doc.id")
+    fam = Family(store(then(sql("rows", "doc"), {
+        "node_type": "FOREACH", "query": '{"name":"doc","max_parallel":2}', "left_node": body})))
+    fam.start()
+    (source,) = fam.steps()
+    fam.answer(source, rows(1, 2, 3, col="id"))
+    (store_step,) = fam.steps()
+    assert "INSERT INTO df.foreach_rows" in store_step.payload["query"]
+    assert store_step.payload["results"] == {"doc": rows(1, 2, 3, col="id")}
+    fam.rows[(fam.root.id, store_step.node_id)] = [{"id": 1}, {"id": 2}, {"id": 3}]
+    fam.answer(store_step, rows(3, col="n"))
+    first, second = fam.steps()                 # two at a time
+    assert first.payload["results"] == {"doc": rows(1, col="id")}
+    fam.answer(second, rows("b"))
+    (third,) = fam.steps()[1:]
+    assert third.payload["results"] == {"doc": rows(3, col="id")}
+    fam.answer(third, rows("c"))
+    assert fam.root.status == "running"
+    fam.answer(first, rows("a"))
+    assert fam.root.status == "completed"
+    assert fam.root.root_node.result == [rows("a"), rows("b"), rows("c")]

@@ -1,0 +1,65 @@
+-- 0009_foreach: [beyond] per-row fan-out. df.foreach runs a body once per row of a named
+-- result (or of a query), each run a child instance in which $<name> is that row; at most
+-- max_parallel children run at a time.
+--
+-- The rows are written to df.foreach_rows by one SQL step that runs the source as the
+-- submitting role (INSERT … SELECT, inside the database: no process holds them), and are
+-- handed to children a few at a time as others finish.
+
+CREATE TABLE df.foreach_rows (
+    instance_id text NOT NULL REFERENCES df.instances (id) ON DELETE CASCADE,
+    node_id     text NOT NULL,
+    activation  bigint NOT NULL,
+    n           bigint NOT NULL,          -- 1-based row number, in the source's order
+    row         text NOT NULL,            -- the row as a JSON object (column order kept)
+    PRIMARY KEY (instance_id, node_id, activation, n)
+);
+
+-- The materialising step runs as the submitter: it may add rows to its own running
+-- instances, and nothing else.
+ALTER TABLE df.foreach_rows ENABLE ROW LEVEL SECURITY;
+CREATE POLICY foreach_rows_own ON df.foreach_rows FOR INSERT
+    WITH CHECK (EXISTS (SELECT 1 FROM df.instances i
+                        WHERE i.id = instance_id AND i.status = 'running'
+                          AND i.submitted_by = df._current_role()));
+GRANT INSERT ON df.foreach_rows TO PUBLIC;
+
+CREATE FUNCTION df._foreach(p_config jsonb, p_body text) RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_name text := p_config ->> 'name';
+    v_parallel int := (p_config ->> 'max_parallel')::int;
+BEGIN
+    IF v_name IS NULL OR v_name !~ '^[A-Za-z_][A-Za-z0-9_]*$' THEN
+        RAISE EXCEPTION 'df.foreach: row name ''%'' is not a valid identifier — must match [a-zA-Z_][a-zA-Z0-9_]*',
+            v_name USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_parallel IS NULL OR v_parallel NOT BETWEEN 1 AND 1000 THEN
+        RAISE EXCEPTION 'df.foreach: max_parallel must be from 1 to 1000, got %', v_parallel
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_config ? 'source_query' AND btrim(p_config ->> 'source_query', E' \t\r\n;') = '' THEN
+        RAISE EXCEPTION 'df.foreach_query: the source query is empty'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN '{"node_type":"FOREACH","query":' || to_json(p_config::text)::text
+           || ',"left_node":' || df._node(p_body) || '}';
+END $$;
+
+-- df.foreach('doc', body, max_parallel => 8): body once per row of the result named 'doc';
+-- inside the body $doc is that row (one-row result: $doc.id, $doc.*, …).
+CREATE FUNCTION df.foreach(name text, body text, max_parallel int DEFAULT 8) RETURNS text
+LANGUAGE sql STABLE STRICT AS $$
+    SELECT df._foreach(jsonb_build_object('name', name, 'max_parallel', max_parallel), body)
+$$;
+
+-- df.foreach_query($$SELECT id, url FROM docs WHERE todo$$, 'doc', body): the same over the
+-- rows of a query (one SELECT, $names allowed), which runs once when the node starts.
+CREATE FUNCTION df.foreach_query(source_query text, name text, body text,
+                                 max_parallel int DEFAULT 8) RETURNS text
+LANGUAGE sql STABLE STRICT AS $$
+    SELECT df._foreach(jsonb_build_object('name', name, 'max_parallel', max_parallel,
+                                          'source_query', source_query), body)
+$$;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM PUBLIC;
