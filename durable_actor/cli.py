@@ -360,11 +360,14 @@ def supervise(dsn: str | None, data_dir: Path | None, executors: int | None,
 
 def _supervise(settings: config.Settings) -> int:
     from durable_actor import supervisor
+    from durable_actor.sdnotify import Notifier
 
     log = structlog.get_logger()
+    notifier = Notifier()
     with _StartupSignals() as signals:
         try:
             with _database(settings, signals) as (dsn, is_embedded):
+                notifier.status("applying schema migrations")
                 applied = schema.migrate(dsn, lock_timeout=settings.migration_lock_timeout)
                 log.info("schema_migrated", applied=[_label(m) for m in applied],
                          version=_version_after(dsn))
@@ -376,7 +379,10 @@ def _supervise(settings: config.Settings) -> int:
                 return code
         except _Stopped as stop:
             log.info("supervise_stopped_during_startup", signal=signal.Signals(stop.args[0]).name)
+            notifier.stopping("stopped during start-up")
             return EXIT_OK
+        finally:
+            notifier.close()
 
 
 def _label(m: schema.Migration) -> str:

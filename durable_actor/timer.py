@@ -33,6 +33,7 @@ class Timer(Loop):
         row = await cur.fetchone()
         await conn.commit()
         seconds = row[0] if row else None
+        idle = max(self.idle_poll(), self.settings.poll_interval * 4)
         if seconds is None:
-            return self.settings.poll_interval * 4
-        return max(0.0, min(float(seconds), self.settings.poll_interval * 4))
+            return idle
+        return max(0.0, min(float(seconds), idle))
