@@ -46,7 +46,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from durable_actor import db
+from durable_actor import db, metrics
 from durable_actor.config import Settings
 from durable_actor.errors import StepError
 from durable_actor.loop import Loop
@@ -154,6 +154,7 @@ class Executor(Loop):
         payload = task["payload"]
         self.current, self.cancel_current = task, False
         started = time.monotonic()
+        metrics.step_started(task["kind"])
         try:
             async with conn.transaction():
                 await self._enter_step(conn, task)
@@ -188,6 +189,7 @@ class Executor(Loop):
     def _outcome(self, task: dict[str, Any], *, started: float, result: Any = None,
                  error: str | None = None) -> Outcome:
         elapsed_ms = round((time.monotonic() - started) * 1000, 3)
+        metrics.step_finished(task["kind"], error is None, elapsed_ms / 1000)
         if error is None:
             self.log.debug("step_completed", instance_id=task["instance_id"],
                            node_id=task["node_id"], step_type=task["kind"],
@@ -211,6 +213,7 @@ class Executor(Loop):
     async def _run_leased(self, conn: psycopg.AsyncConnection[Any], task: dict[str, Any],
                           token: int) -> None:
         started = time.monotonic()
+        metrics.step_started(task["kind"])
         try:
             result = await self._run_outside(task)
             outcome = self._outcome(task, result=result, started=started)
