@@ -248,7 +248,11 @@ class Executor(Loop):
 
     async def _watch_cancels(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await asyncio.sleep(0.05)
+            try:   # woken by the listener: no polling while idle
+                await asyncio.wait_for(self.listener.payload_ready.wait(), 1.0)
+            except TimeoutError:
+                continue
+            self.listener.payload_ready.clear()
             for channel, payload in self.listener.take_payloads():
                 if channel != "df_cancel" or not payload:
                     continue

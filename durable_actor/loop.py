@@ -132,10 +132,10 @@ class Loop:
             self.beat()
 
     async def _tick(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
+        while not stop.is_set():   # cancelled by run() at the end
             if self.looped_once and self.beat is not None:
                 self.beat()
-            await _first_of(asyncio.sleep(TICK_SECONDS), stop.wait())
+            await asyncio.sleep(TICK_SECONDS)
 
     async def _close(self) -> None:
         if self.conn is not None:

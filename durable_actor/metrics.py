@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
                 300)
@@ -100,7 +100,7 @@ def child_died(pid: int) -> None:
     if _m:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 # -- the endpoint (supervisor) ---------------------------------------------------------------
@@ -108,7 +108,7 @@ def child_died(pid: int) -> None:
 class DatabaseCollector:
     """Reads df.runtime_metrics at scrape time (metric, label, value rows)."""
 
-    FAMILIES = {
+    FAMILIES: ClassVar[dict[str, tuple[str, str, str | None]]] = {
         "instances": ("durable_actor_instances", "Instances by status.", "status"),
         "queue_depth": ("durable_actor_queue_depth",
                         "Rows waiting in the runtime's queue tables.", "queue"),
@@ -159,11 +159,11 @@ class Endpoint:
         from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        registry.register(DatabaseCollector(dsn))  # type: ignore[arg-type]
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        registry.register(DatabaseCollector(dsn))
 
         class Quiet(WSGIRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:   # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass   # stderr carries JSON lines only
 
         class Server(WSGIServer):

@@ -15,6 +15,7 @@ without removing its row) are deleted in the same pass.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import psycopg
@@ -63,7 +64,5 @@ async def run(settings: Settings, dsn: str, stop: asyncio.Event, log: Any) -> No
 
 
 async def _sleep_or_stop(seconds: float, stop: asyncio.Event) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass

@@ -23,7 +23,8 @@ def _step(n: int, sleep: float) -> str:
 
 def _setup(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("CREATE TABLE ledger (instance_id text, step int, PRIMARY KEY (instance_id, step))")
+        c.execute("CREATE TABLE ledger"
+                  " (instance_id text, step int, PRIMARY KEY (instance_id, step))")
 
 
 def _start(dsn: str, graph: str) -> str:

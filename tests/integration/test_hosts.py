@@ -36,7 +36,8 @@ def _unfinished(dsn: str) -> int:
 
 def test_two_supervisors_share_work_and_survive_a_host_loss(fresh_dsn: str) -> None:
     with psycopg.connect(fresh_dsn, autocommit=True) as c:
-        c.execute("CREATE TABLE ledger (instance_id text, step int, PRIMARY KEY (instance_id, step))")
+        c.execute("CREATE TABLE ledger"
+                  " (instance_id text, step int, PRIMARY KEY (instance_id, step))")
         # A row left by a process that died long ago: the survivor's timer prunes it.
         c.execute("INSERT INTO df.workers (id, host, pid, role, last_seen_at)"
                   " VALUES ('gone:1:executor', 'gone', 1, 'executor', now() - interval '1 hour')")
@@ -76,7 +77,8 @@ def test_two_supervisors_share_work_and_survive_a_host_loss(fresh_dsn: str) -> N
         a.log_path.unlink(missing_ok=True)
         b.__exit__(None, None, None)
     with psycopg.connect(fresh_dsn, autocommit=True) as c:
-        statuses = dict(c.execute("SELECT status, count(*) FROM df.instances GROUP BY 1").fetchall())
+        statuses = dict(c.execute("SELECT status, count(*) FROM df.instances GROUP BY 1")
+                        .fetchall())
         assert statuses == {"completed": N}
         steps = dict(c.execute("SELECT instance_id, count(*) FROM ledger GROUP BY 1").fetchall())
     assert steps == {i: 3 for i in ids}
