@@ -360,11 +360,14 @@ def supervise(dsn: str | None, data_dir: Path | None, executors: int | None,
 
 def _supervise(settings: config.Settings) -> int:
     from durable_actor import supervisor
+    from durable_actor.sdnotify import Notifier
 
     log = structlog.get_logger()
+    notifier = Notifier()
     with _StartupSignals() as signals:
         try:
             with _database(settings, signals) as (dsn, is_embedded):
+                notifier.status("applying schema migrations")
                 applied = schema.migrate(dsn, lock_timeout=settings.migration_lock_timeout)
                 log.info("schema_migrated", applied=[_label(m) for m in applied],
                          version=_version_after(dsn))
@@ -376,7 +379,10 @@ def _supervise(settings: config.Settings) -> int:
                 return code
         except _Stopped as stop:
             log.info("supervise_stopped_during_startup", signal=signal.Signals(stop.args[0]).name)
+            notifier.stopping("stopped during start-up")
             return EXIT_OK
+        finally:
+            notifier.close()
 
 
 def _label(m: schema.Migration) -> str:
@@ -476,6 +482,122 @@ def _run_in_foreground(argv: list[str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 128 - code if code < 0 else code
+
+
+# --- views and commands on instances ---------------------------------------------------------
+
+@contextmanager
+def _connection(dsn: str | None, data_dir: Path | None) -> Iterator[psycopg.Connection[Any]]:
+    """A connection to the runtime's database (the embedded one unless a DSN is given)."""
+    settings = _settings(dsn=dsn, data_dir=data_dir)
+    logs.configure("cli", level="warning", fmt=settings.log_format)
+    with _database(settings) as (db, _), psycopg.connect(
+            db, application_name="durable-actor cli") as conn:
+        row = conn.execute("SELECT to_regclass('df.runtime_metrics') IS NOT NULL").fetchone()
+        conn.commit()
+        if not (row and row[0]):
+            raise CommandError("the df schema is missing or older than this durable-actor; "
+                               "run `durable-actor migrate` first", EXIT_DATABASE)
+        yield conn
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON, for scripts.")
+
+
+@cli.command(short_help="Instances by status, queue depths, workers.")
+@dsn_option
+@data_dir_option
+@json_option
+@_reports_errors
+def status(dsn: str | None, data_dir: Path | None, as_json: bool) -> None:
+    """Show instances by status, queue depths and the runtime processes of every host."""
+    from durable_actor import views
+
+    with _connection(dsn, data_dir) as conn:
+        snap = views.snapshot(conn)
+    click.echo(json.dumps(snap) if as_json else views.render(snap))
+
+
+@cli.command(short_help="status, refreshed live, with the newest instances.")
+@dsn_option
+@data_dir_option
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--limit", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Newest instances shown.")
+@click.option("--once", is_flag=True, help="Print one frame and exit (no screen clearing).")
+@json_option
+@_reports_errors
+def top(dsn: str | None, data_dir: Path | None, interval: float, limit: int, once: bool,
+        as_json: bool) -> None:
+    """Like status, refreshed every --interval seconds, with the newest instances; Ctrl-C ends."""
+    import time
+
+    from durable_actor import views
+
+    with _connection(dsn, data_dir) as conn:
+        try:
+            while True:
+                snap = views.snapshot(conn, recent=limit)
+                frame = json.dumps(snap) if as_json else views.render(snap)
+                if once:
+                    click.echo(frame)
+                    return
+                stamp = time.strftime("%H:%M:%S")
+                click.echo(f"\x1b[H\x1b[2Jdurable-actor top — {stamp} (every {interval:g} s)"
+                           f"\n\n{frame}")
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            return
+
+
+@cli.command(short_help="Show an instance's tree (or preview a graph) with df.explain.")
+@dsn_option
+@data_dir_option
+@click.argument("target", metavar="ID_OR_GRAPH")
+@_reports_errors
+def explain(dsn: str | None, data_dir: Path | None, target: str) -> None:
+    """Print df.explain(ID_OR_GRAPH): an instance's node tree with each node's status."""
+    from durable_actor import views
+
+    with _connection(dsn, data_dir) as conn:
+        text = views.explain(conn, target)
+    click.echo(text)
+    if text.startswith("Instance '") and text.endswith("not found"):
+        sys.exit(EXIT_FAILURE)
+
+
+@cli.command(short_help="Cancel an instance (df.cancel).")
+@dsn_option
+@data_dir_option
+@click.argument("instance_id", metavar="ID")
+@click.option("--reason", help="Recorded as the cancellation reason.")
+@_reports_errors
+def cancel(dsn: str | None, data_dir: Path | None, instance_id: str,
+           reason: str | None) -> None:
+    """Cancel instance ID and its running branches: df.cancel(ID, REASON)."""
+    from durable_actor import views
+
+    with _connection(dsn, data_dir) as conn:
+        click.echo(views.cancel(conn, instance_id, reason))
+
+
+@cli.command("signal", short_help="Send a signal to an instance (df.signal).")
+@dsn_option
+@data_dir_option
+@click.argument("instance_id", metavar="ID")
+@click.argument("name")
+@click.argument("payload", required=False)
+@_reports_errors
+def signal_cmd(dsn: str | None, data_dir: Path | None, instance_id: str, name: str,
+            payload: str | None) -> None:
+    """Send signal NAME to instance ID: df.signal(ID, NAME, PAYLOAD). PAYLOAD that is valid
+    JSON arrives as that JSON, other text as a JSON string."""
+    from durable_actor import views
+
+    with _connection(dsn, data_dir) as conn:
+        click.echo(views.signal(conn, instance_id, name, payload))
+
 
 
 def main() -> None:

@@ -37,10 +37,12 @@ class Settings:
     executor_batch: int = 100
     timer_batch: int = 500
     poll_interval: float = 0.5
+    idle_poll_interval: float = 5.0
     batch_budget: float = 0.05
     grace_period: float = 10.0
     lease_seconds: float = 5.0
     migration_lock_timeout: float = 60.0
+    retention_interval: float = 60.0
     log_level: str = "info"
     log_format: str = "json"
     metrics_port: int | None = None
@@ -56,6 +58,10 @@ class Settings:
                 raise ConfigError(f"{name} must be at least 1")
         if self.poll_interval < MIN_POLL_INTERVAL:
             raise ConfigError(f"poll_interval must be at least {MIN_POLL_INTERVAL}s")
+        if self.idle_poll_interval < MIN_POLL_INTERVAL:
+            raise ConfigError(f"idle_poll_interval must be at least {MIN_POLL_INTERVAL}s")
+        if self.retention_interval < MIN_POLL_INTERVAL:
+            raise ConfigError(f"retention_interval must be at least {MIN_POLL_INTERVAL}s")
         if self.grace_period < 0:
             raise ConfigError("grace_period must not be negative")
         if self.lease_seconds < 1:

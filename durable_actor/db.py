@@ -70,6 +70,31 @@ class Backoff:
         self.attempt = 0
 
 
+async def _notifications(conn: psycopg.AsyncConnection[Any]) -> Any:
+    """Yield (channel, payload) of each notification on an otherwise unused connection.
+
+    Waits for the socket to become readable (an event-loop reader) instead of
+    ``conn.notifies()``, which wakes every 0.1 s to check for interrupts: that polling was
+    most of an idle runtime's CPU. A closed or broken connection raises OperationalError
+    from ``consume_input``.
+    """
+    loop = asyncio.get_running_loop()
+    pgconn = conn.pgconn
+    encoding = conn.info.encoding
+    readable = asyncio.Event()
+    fd = pgconn.socket
+    loop.add_reader(fd, readable.set)
+    try:
+        while True:
+            await readable.wait()
+            readable.clear()
+            pgconn.consume_input()
+            while (note := pgconn.notifies()) is not None:
+                yield note.relname.decode(encoding), note.extra.decode(encoding)
+    finally:
+        loop.remove_reader(fd)
+
+
 class Listener:
     """A dedicated autocommit connection LISTENing on channels; sets `wake` on each notify.
 
@@ -84,6 +109,7 @@ class Listener:
         self.wake = asyncio.Event()
         self.payloads: list[tuple[str, str]] = []
         self.keep_payloads = False
+        self.payload_ready = asyncio.Event()   # set when a payload is kept
 
     async def run(self) -> None:
         backoff = Backoff()
@@ -95,9 +121,10 @@ class Listener:
                     await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(ch)))
                 backoff.reset()
                 self.wake.set()
-                async for note in conn.notifies():
+                async for channel, payload in _notifications(conn):
                     if self.keep_payloads:
-                        self.payloads.append((note.channel, note.payload))
+                        self.payloads.append((channel, payload))
+                        self.payload_ready.set()
                     self.wake.set()
             except asyncio.CancelledError:
                 raise

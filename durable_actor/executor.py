@@ -53,7 +53,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from durable_actor import db
+from durable_actor import db, metrics
 from durable_actor.config import Settings
 from durable_actor.errors import StepError
 from durable_actor.loop import Loop
@@ -183,6 +183,7 @@ class Executor(Loop):
         payload = task["payload"]
         self.current, self.cancel_current = task, False
         started = time.monotonic()
+        metrics.step_started(task["kind"])
         try:
             async with conn.transaction():
                 await self._enter_step(conn, task)
@@ -226,6 +227,7 @@ class Executor(Loop):
     def _outcome(self, task: dict[str, Any], *, started: float, result: Any = None,
                  error: str | None = None) -> Outcome:
         elapsed_ms = round((time.monotonic() - started) * 1000, 3)
+        metrics.step_finished(task["kind"], error is None, elapsed_ms / 1000)
         if error is None:
             self.log.debug("step_completed", instance_id=task["instance_id"],
                            node_id=task["node_id"], step_type=task["kind"],
@@ -252,6 +254,7 @@ class Executor(Loop):
     async def _run_leased(self, conn: psycopg.AsyncConnection[Any], task: dict[str, Any],
                           token: int) -> None:
         started = time.monotonic()
+        metrics.step_started(task["kind"])
         try:
             result = await self._run_outside(task)
             outcome = self._outcome(task, result=result, started=started)
@@ -324,7 +327,11 @@ class Executor(Loop):
 
     async def _watch_cancels(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await asyncio.sleep(0.05)
+            try:   # woken by the listener: no polling while idle
+                await asyncio.wait_for(self.listener.payload_ready.wait(), 1.0)
+            except TimeoutError:
+                continue
+            self.listener.payload_ready.clear()
             for channel, payload in self.listener.take_payloads():
                 if channel != "df_cancel" or not payload:
                     continue

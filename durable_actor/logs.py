@@ -1,11 +1,11 @@
 """Logging set-up: structlog, one JSON object per line on stderr, secrets redacted.
 
 Each process calls :func:`configure` once, right after it starts (after ``fork`` for the
-supervisor's children), binding ``process`` (its role), ``pid`` and any extra fields. The chain
-follows structlog's performance advice: a filtering bound logger, contextvars merged in (so a unit
-of work binds ``instance_id``/``node_id`` with ``structlog.contextvars.bound_contextvars``),
-ISO-8601 UTC timestamps, and orjson writing bytes straight to stderr. ``fmt="console"`` renders
-the same events for a human at a terminal.
+supervisor's children), binding ``process`` and ``role`` (both its role), ``pid`` and any extra
+fields. The chain follows structlog's performance advice: a filtering bound logger, contextvars
+merged in (so a unit of work binds ``instance_id``/``node_id`` with
+``structlog.contextvars.bound_contextvars``), ISO-8601 UTC timestamps, and orjson writing bytes
+straight to stderr. ``fmt="console"`` renders the same events for a human at a terminal.
 
 Log lines leave the machine (journald, log shippers), so one processor redacts secrets wherever
 they appear in an event's fields, nested values and exception text included: passwords inside
@@ -141,7 +141,7 @@ def configure(process: str, *, level: str, fmt: str, **bind: Any) -> None:
     if fmt not in ("json", "console"):
         raise ValueError(f"unknown log format {fmt!r}; use json or console")
     threshold = level_number(level)
-    fields: dict[str, Any] = {"process": process, "pid": os.getpid(), **bind}
+    fields: dict[str, Any] = {"process": process, "role": process, "pid": os.getpid(), **bind}
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         _static_fields(fields),

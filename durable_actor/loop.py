@@ -8,6 +8,16 @@ anything else propagates, the process exits and the supervisor restarts it.
 
 Stopping (drain): `stop` is set on SIGTERM; the batch in flight finishes and commits, no new
 batch is claimed.
+
+Idle cost: while nothing happens the wait between two looks for work doubles, from
+`poll_interval` up to `idle_poll_interval`; any batch with work, or any NOTIFY, brings it
+back to `poll_interval`. A NOTIFY still wakes the loop at once, so only work whose
+notification was lost (or that becomes due without one, such as an expired lease) waits
+longer — at most `idle_poll_interval`.
+
+Liveness: `beat` (set by the supervisor) is called after each batch and, once the first batch
+has gone through, every second from a ticker task — proof for the supervisor's systemd
+watchdog that this process reached the database once and that its event loop still turns.
 """
 
 from __future__ import annotations
@@ -15,16 +25,18 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import structlog
 
-from durable_actor import db
+from durable_actor import db, metrics
 from durable_actor.config import Settings
 from durable_actor.queries import q
 
 HEARTBEAT_SECONDS = 5.0
+TICK_SECONDS = 1.0
 
 
 class Loop:
@@ -39,6 +51,9 @@ class Loop:
         self.log = structlog.get_logger().bind(role=self.role, worker_id=self.worker_id)
         self.listener = db.Listener(dsn, self.channels, role=self.role)
         self.conn: psycopg.AsyncConnection[Any] | None = None
+        self.beat: Callable[[], None] | None = None
+        self.looped_once = False
+        self.idle_rounds = 0
 
     # -- to override ------------------------------------------------------------------
 
@@ -46,7 +61,13 @@ class Loop:
         raise NotImplementedError
 
     async def idle_timeout(self, conn: psycopg.AsyncConnection[Any]) -> float:
-        return self.settings.poll_interval
+        return self.idle_poll()
+
+    def idle_poll(self) -> float:
+        """The current idle wait: poll_interval, doubled per idle round, capped."""
+        base = self.settings.poll_interval
+        cap = max(base, self.settings.idle_poll_interval)
+        return float(min(cap, base * 2 ** min(self.idle_rounds, 20)))
 
     def connection_options(self) -> dict[str, str]:
         return {}
@@ -56,6 +77,7 @@ class Loop:
     async def run(self, stop: asyncio.Event) -> None:
         listen = asyncio.create_task(self.listener.run(), name=f"{self.role}-listen")
         beat = asyncio.create_task(self._heartbeat(stop), name=f"{self.role}-heartbeat")
+        tick = asyncio.create_task(self._tick(stop), name=f"{self.role}-tick")
         backoff = db.Backoff()
         self.log.info("process_started")
         try:
@@ -66,10 +88,16 @@ class Loop:
                                                      options=self.connection_options())
                     handled = await self.work_once(self.conn)
                     backoff.reset()
+                    self._looped()
                     if handled:
+                        metrics.claimed(self.role, handled)
+                        self.idle_rounds = 0
                         continue
                     timeout = await self.idle_timeout(self.conn)
-                    await _first_of(self.listener.wait(timeout), stop.wait())
+                    if await self._idle_wait(timeout, stop):
+                        self.idle_rounds = 0
+                    else:
+                        self.idle_rounds += 1
                 except asyncio.CancelledError:
                     raise
                 except psycopg.Error as exc:
@@ -82,12 +110,32 @@ class Loop:
                     await self._close()
                     await _first_of(asyncio.sleep(delay), stop.wait())
         finally:
-            listen.cancel()
-            beat.cancel()
-            await asyncio.gather(listen, beat, return_exceptions=True)
+            for task in (listen, beat, tick):
+                task.cancel()
+            await asyncio.gather(listen, beat, tick, return_exceptions=True)
             await self._unregister()
             await self._close()
             self.log.info("process_stopped")
+
+    async def _idle_wait(self, timeout: float, stop: asyncio.Event) -> bool:
+        """Wait for a NOTIFY, `timeout` or stop; True if a notification woke us."""
+        wake = self.listener.wake
+        if not wake.is_set():
+            await _first_of(wake.wait(), stop.wait(), asyncio.sleep(timeout))
+        notified = wake.is_set()
+        wake.clear()
+        return notified
+
+    def _looped(self) -> None:
+        self.looped_once = True
+        if self.beat is not None:
+            self.beat()
+
+    async def _tick(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():   # cancelled by run() at the end
+            if self.looped_once and self.beat is not None:
+                self.beat()
+            await asyncio.sleep(TICK_SECONDS)
 
     async def _close(self) -> None:
         if self.conn is not None:

@@ -67,7 +67,7 @@ def test_console_script_is_installed() -> None:
 def test_help_names_commands() -> None:
     proc = run("--help")
     assert proc.returncode == 0, proc.stderr
-    for command in ("supervise", "migrate", "psql"):
+    for command in ("supervise", "migrate", "psql", "status", "top", "explain", "cancel", "signal"):
         assert command in proc.stdout
 
 
