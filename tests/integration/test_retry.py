@@ -286,3 +286,48 @@ def test_back_off_survives_killing_every_executor_and_the_timer(fresh_dsn: str) 
     finally:
         srv.httpd.shutdown()
         srv.httpd.server_close()
+
+
+# -- building and validating policies (no runtime needed) ---------------------------------------
+
+def test_policies_compose_and_are_checked(conn: psycopg.Connection[Any]) -> None:
+    def one(sql: str, *args: Any) -> Any:
+        row = conn.execute(sql, args).fetchone()
+        assert row is not None
+        return row[0]
+
+    node = json.loads(one("SELECT df.retry('SELECT 1', 4, 0.5, 8, ARRAY['40p01', 'HTTP_5XX'])"
+                          " |=> 'r'"))
+    assert list(node) == ["node_type", "query", "retry", "result_name"]
+    assert node["retry"] == {"max_attempts": 4, "backoff_seconds": 0.5,
+                             "max_backoff_seconds": 8, "retry_on": ["40P01", "http_5xx"]}
+    chain = json.loads(one("SELECT df.retry('SELECT 1') ~> df.timeout('SELECT 2', 3)"))
+    assert chain["left_node"]["retry"]["max_attempts"] == 3
+    assert chain["right_node"]["timeout_seconds"] == 3
+    for bad, message in [
+        ("df.retry(df.sleep(1))", "not a SLEEP node"),
+        ("df.retry('SELECT 1' ~> 'SELECT 2')", "not a THEN node"),
+        ("df.retry('SELECT 1', 0)", "max_attempts must be an integer from 1 to 100"),
+        ("df.retry('SELECT 1', 101)", "max_attempts must be an integer from 1 to 100"),
+        ("df.retry('SELECT 1', 3, -1)", "backoff_seconds must be a positive number"),
+        ("df.retry('SELECT 1', 3, 10, 5)", "max_backoff_seconds must be at least"),
+        ("df.retry('SELECT 1', 3, 1, 5, ARRAY['sometimes'])", "is not an error class"),
+        ("df.retry('SELECT 1', 3, 1, 5, ARRAY[]::text[])", "must not be empty"),
+        ("df.timeout('SELECT 1', 0)", "timeout_seconds must be a positive number"),
+        ("df.timeout(df.http('https://example.com'), 5)", "not valid for HTTP nodes"),
+    ]:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=message):
+            conn.execute(f"SELECT {bad}")
+    # hand-built graphs are checked by df.start, with the path of the bad node
+    graph = json.dumps({"node_type": "THEN", "left_node": {"node_type": "SQL", "query": "x"},
+                        "right_node": {"node_type": "SLEEP", "query": "1", "timeout_seconds": 2}})
+    with pytest.raises(psycopg.errors.InvalidParameterValue,
+                       match=r"root\.right: timeout_seconds is not valid for SLEEP nodes"):
+        conn.execute("SELECT df.start(%s)", (graph,))
+    # and stored per node
+    i = one("SELECT df.start(df.timeout(df.retry('SELECT 1', 2), 1.5) ~> 'SELECT 2')")
+    options = [r[0] for r in conn.execute(
+        "SELECT options FROM df.nodes WHERE instance_id = %s ORDER BY position", (i,))]
+    assert options == [None, {"retry": {"max_attempts": 2, "backoff_seconds": 1,
+                                        "max_backoff_seconds": 60}, "timeout_seconds": 1.5},
+                       None]
