@@ -63,12 +63,11 @@ An eternal loop therefore keeps a constant number of rows.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
-
-import hashlib
 
 import orjson
 from croniter import croniter

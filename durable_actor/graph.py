@@ -3,8 +3,9 @@
 Validation of user input happens in SQL at ``df.start()`` (sql/migrations/0002_dsl.sql), before
 anything is written; this module only reads what was stored. Children that are not
 ``left_node``/``right_node`` live in the stored ``query`` config as ids
-(``{"condition_node": id}`` for IF and LOOP, ``{"extra_nodes": [ids]}`` for JOIN and RACE). A step's retry policy and time-out
-(``df.retry``, ``df.timeout``) live in ``df.nodes.options``.
+(``{"condition_node": id}`` for IF and LOOP, ``{"extra_nodes": [ids]}`` for JOIN and RACE).
+A step's retry policy and time-out (``df.retry``, ``df.timeout``) live in
+``df.nodes.options``.
 """
 
 from __future__ import annotations
