@@ -48,7 +48,13 @@ def message_from_row(row: dict[str, Any], now: datetime) -> engine.Message | Non
         return engine.Start(now)
     if kind == "step":
         return engine.StepDone(row["node_id"], row["activation"], now,
-                               result=payload.get("result"), error=payload.get("error"))
+                               result=payload.get("result"), error=payload.get("error"),
+                               sqlstate=_opt(payload, "sqlstate", str),
+                               retryable=bool(payload.get("retryable")),
+                               http_status=_opt(payload, "http_status", int),
+                               error_class=_opt(payload, "error_class", str),
+                               retry_after=_opt(payload, "retry_after", float),
+                               attempt=_opt(payload, "attempt", int))
     if kind == "timer":
         return engine.TimerFired(row["node_id"], row["activation"], now)
     if kind == "signal":
@@ -288,6 +294,17 @@ class Dispatcher(Loop):
             taken = {r["id"] for r in await cur.fetchall()}
             ids.extend(i for i in batch if i not in taken)
         return ids
+
+
+def _opt(payload: dict[str, Any], key: str, kind: type[Any]) -> Any:
+    """payload[key] converted to `kind`, or None when absent or malformed."""
+    value = payload.get(key)
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _loads(text: str | None) -> Any:

@@ -40,6 +40,20 @@ whose SIGNAL node starts asks the root (``RequestSignal``); the root hands over 
 matching signal (``PostSignal`` aimed at that node) or remembers the waiter. A signal aimed at
 a wait that has ended in the meantime goes back to the root, so no signal is ever dropped.
 
+Retries (``df.retry``)
+----------------------
+A step whose node has a retry policy records every attempt in its ``details``
+(``{"attempts": [{"attempt": 1, "status": "failed", "error": …, "at": …, "retry_at": …}, …]}``,
+shown as ``df.instance_nodes().status_details``). When an attempt fails with an error the
+policy retries (``retry_matches``) and attempts are left, the node stays running and a
+``StartTimer`` is armed for the back-off (``retry_delay``: exponential, capped, with a jitter
+derived from the instance, node, activation and attempt, so this stays pure; a server's
+Retry-After wins up to the cap). While it waits, ``details["retry_at"]`` is set and no task
+exists: the wait holds no connection and no process. ``TimerFired`` then issues ``RunStep``
+again with the next attempt number, which the executor echoes in ``StepDone``; an answer for
+another attempt, or one that arrives while the node waits, is stale. The last failure's
+message says how many attempts were made.
+
 Bounded state
 -------------
 A loop resets its body's nodes for each iteration instead of adding rows; the signal inbox
@@ -49,6 +63,7 @@ An eternal loop therefore keeps a constant number of rows.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -59,7 +74,7 @@ from croniter import croniter
 
 from durable_actor import refs
 from durable_actor.errors import StepError
-from durable_actor.graph import STEP_KINDS, Graph, Node
+from durable_actor.graph import STEP_KINDS, Graph, Node, RetryPolicy
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 MAX_LOOP_ITERATIONS = 100_000
@@ -126,6 +141,13 @@ class StepDone:
     now: datetime
     result: Any = None
     error: str | None = None
+    # The executor's verdict on a failure (errors.StepError), read by retry policies:
+    sqlstate: str | None = None
+    retryable: bool = False
+    http_status: int | None = None
+    error_class: str | None = None
+    retry_after: float | None = None    # seconds, from a 429/503 answer's Retry-After
+    attempt: int | None = None          # the attempt the executor ran (None: not told)
 
 
 @dataclass(frozen=True)
@@ -365,7 +387,10 @@ def _apply_step_done(state: InstanceState, msg: StepDone, effects: list[Effect])
         return
     if node is None or node.type not in STEP_KINDS:
         return
-    if msg.error is not None:
+    policy = node.retry
+    if policy is not None:
+        _step_done_with_policy(state, node, policy, msg, effects)
+    elif msg.error is not None:
         _fail(state, node, msg.error, msg.now, effects)
     else:
         _complete(state, node, msg.result, msg.now, effects)
@@ -389,6 +414,8 @@ def _apply_timer_fired(state: InstanceState, msg: TimerFired, effects: list[Effe
                   effects)
     elif node.type == "LOOP":
         _start_iteration(state, node, msg.now, effects)
+    elif node.type in STEP_KINDS:
+        _retry_now(state, node, effects)
 
 
 def _apply_signal(state: InstanceState, msg: Signal, effects: list[Effect]) -> None:
@@ -542,12 +569,22 @@ def _activate(state: InstanceState, node_id: str, now: datetime, effects: list[E
 
 def _activate_step(state: InstanceState, node: Node, now: datetime,
                    effects: list[Effect]) -> None:
+    if node.details is not None:            # attempts of an earlier loop iteration
+        _set(state, node, details=None)
+    _issue_step(state, node, 1, effects)
+
+
+def _issue_step(state: InstanceState, node: Node, attempt: int, effects: list[Effect]) -> None:
     text = refs.expand_vars(node.query or "", state.vars, instance_id=state.id,
                             label=state.label)
     payload: dict[str, Any] = {"query": text, "node_type": node.type}
     payload["results"] = _results_for(state, text)
     if STEP_KINDS[node.type] == "http":
         payload["idempotency_key"] = _idempotency_key(state, node)
+    if node.retry is not None:
+        payload["attempt"] = attempt
+    if node.timeout_seconds is not None and node.type == "SQL":
+        payload["timeout_seconds"] = node.timeout_seconds
     effects.append(RunStep(node.id, node.activation, STEP_KINDS[node.type], payload))
 
 
@@ -781,6 +818,129 @@ _ACTIVATE = {
     "BREAK": _activate_break,
     "SLEEP": _activate_sleep, "WAIT_SCHEDULE": _activate_schedule, "SIGNAL": _activate_signal,
 }
+
+
+# --------------------------------------------------------------------------------------
+# Retries
+# --------------------------------------------------------------------------------------
+
+def _step_done_with_policy(state: InstanceState, node: Node, policy: RetryPolicy,
+                           msg: StepDone, effects: list[Effect]) -> None:
+    details = dict(node.details or {})
+    attempts = list(details.get("attempts") or [])
+    attempt = len(attempts) + 1
+    if "retry_at" in details or (msg.attempt is not None and msg.attempt != attempt):
+        return                      # an answer to another attempt, or while waiting: stale
+    entry: dict[str, Any] = {"attempt": attempt, "at": msg.now.isoformat()}
+    status = msg.http_status
+    if msg.error is None:
+        status = _http_status(msg.result) if STEP_KINDS[node.type] == "http" else None
+    if msg.error is None:
+        wanted = status is not None and status >= 400 and retry_matches_status(
+            policy.retry_on, status)
+    else:
+        wanted = retry_matches(policy.retry_on, sqlstate=msg.sqlstate, retryable=msg.retryable,
+                               http_status=msg.http_status, error_class=msg.error_class)
+    if wanted and attempt < policy.max_attempts:
+        delay = retry_delay(policy, attempt, f"{state.id}:{node.id}:{node.activation}:{attempt}",
+                            msg.retry_after)
+        due = msg.now + timedelta(seconds=delay)
+        entry.update(status="failed", error=msg.error or f"HTTP status {status}",
+                     retry_at=due.isoformat())
+        if status is not None:
+            entry["http_status"] = status
+        if msg.sqlstate:
+            entry["sqlstate"] = msg.sqlstate
+        _set(state, node, details={**details, "attempts": [*attempts, entry],
+                                   "retry_at": due.isoformat()})
+        effects.append(StartTimer(node.id, node.activation, due))
+        return
+    if msg.error is None:
+        entry["status"] = "completed"
+        if status is not None:
+            entry["http_status"] = status
+        _set(state, node, details={**details, "attempts": [*attempts, entry]})
+        _complete(state, node, msg.result, msg.now, effects)
+        return
+    entry.update(status="failed", error=msg.error)
+    if msg.sqlstate:
+        entry["sqlstate"] = msg.sqlstate
+    _set(state, node, details={**details, "attempts": [*attempts, entry]})
+    if not wanted:
+        suffix = " (not retried: not a retryable error)" if policy.max_attempts > 1 else ""
+        if attempt > 1:
+            suffix = f" (attempt {attempt} of {policy.max_attempts}; not retried: not a " \
+                     "retryable error)"
+    else:
+        suffix = f" (gave up after {attempt} attempts)" if attempt > 1 else ""
+    _fail(state, node, msg.error + suffix, msg.now, effects)
+
+
+def _retry_now(state: InstanceState, node: Node, effects: list[Effect]) -> None:
+    """The back-off of a step is over: run its next attempt (a stray timer does nothing)."""
+    details = dict(node.details or {})
+    if "retry_at" not in details:
+        return
+    del details["retry_at"]
+    _set(state, node, details=details)
+    _issue_step(state, node, len(details.get("attempts") or []) + 1, effects)
+
+
+def retry_delay(policy: RetryPolicy, attempt: int, key: str,
+                retry_after: float | None = None) -> float:
+    """Seconds to wait after failed attempt `attempt` (1-based).
+
+    ``backoff * 2^(attempt-1)`` capped at ``max_backoff``, then "equal jitter": between half
+    and all of it, the fraction derived from `key`, so the same history gives the same wait
+    (the engine stays pure and a replay is identical) while instances that failed together
+    spread out. A server's Retry-After, when longer, wins, up to ``max_backoff``.
+    """
+    base = min(policy.max_backoff_seconds, policy.backoff_seconds * 2.0 ** min(attempt - 1, 64))
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    delay = base * (0.5 + 0.5 * int.from_bytes(digest, "big") / 2**64)
+    if retry_after is not None and retry_after > delay:
+        delay = min(retry_after, policy.max_backoff_seconds)
+    return delay
+
+
+def retry_matches(retry_on: tuple[str, ...] | None, *, sqlstate: str | None, retryable: bool,
+                  http_status: int | None = None, error_class: str | None = None) -> bool:
+    """Whether a failed attempt is retried under `retry_on` (None: the default classes).
+
+    Entries: ``any`` (every failure), ``default`` (what the executor calls transient:
+    serialization failures 40001, deadlocks 40P01, connection failures, HTTP 5xx, time-outs
+    and network errors), a SQLSTATE (``57014``) or its class (``08``), ``http_5xx``,
+    ``http_4xx``, ``http_NNN``, ``http_timeout``, ``http_connect``, ``http_network``.
+    """
+    if retry_on is None:
+        return retryable or http_status == 429
+    for entry in retry_on:
+        if entry == "any" or (entry == "default" and (retryable or http_status == 429)):
+            return True
+        if sqlstate and (entry == sqlstate or (len(entry) == 2 and sqlstate.startswith(entry))):
+            return True
+        if http_status is not None and entry in (f"http_{http_status}",
+                                                 f"http_{http_status // 100}xx"):
+            return True
+        if error_class is not None and entry == error_class:
+            return True
+    return False
+
+
+def retry_matches_status(retry_on: tuple[str, ...] | None, status: int) -> bool:
+    """Whether an HTTP answer that is a result (4xx) is retried: 429 by default; others
+    only when listed (``http_4xx``, ``http_404``); ``any`` covers failures, not results."""
+    if retry_on is None:
+        return status == 429
+    return any(entry in (f"http_{status}", f"http_{status // 100}xx")
+               or (entry == "default" and status == 429) for entry in retry_on)
+
+
+def _http_status(result: Any) -> int | None:
+    if isinstance(result, dict) and isinstance(result.get("status"), int) \
+            and "duration_ms" in result:
+        return int(result["status"])
+    return None
 
 
 # --------------------------------------------------------------------------------------

@@ -27,10 +27,20 @@ class EmbeddedServerError(DurableActorError):
 
 
 class StepError(DurableActorError):
-    """A workflow step failed; the message is what the node records."""
+    """A workflow step failed; the message is what the node records.
+
+    The rest is the verdict a retry policy reads: the SQLSTATE, whether the failure is
+    transient by default (``retryable``), the HTTP status of a failed call, the class of a
+    transport failure (``http_timeout``, ``http_connect``, ``http_network``) and a server's
+    ``Retry-After`` in seconds.
+    """
 
     def __init__(self, message: str, *, sqlstate: str | None = None,
-                 retryable: bool = False) -> None:
+                 retryable: bool = False, http_status: int | None = None,
+                 error_class: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
         self.retryable = retryable
+        self.http_status = http_status
+        self.error_class = error_class
+        self.retry_after = retry_after

@@ -39,6 +39,18 @@ running right now belongs to a cancelled instance or node, the executor cancels 
 connection's statement. A QueryCanceled that the executor did not ask for *for that step* is
 either a statement timeout (the step fails) or a cancel meant for a step that had just
 finished (the step is left queued and runs again) — never a false failure.
+
+Time-outs and retry verdicts
+----------------------------
+A SQL step with a time-out (``df.timeout``) sets its statement_timeout with ``set_config(…,
+true)`` inside its savepoint: a failure rolls it back with the savepoint, a success sets it
+back to the session's value before the savepoint is released (otherwise the setting would
+outlive the savepoint and hold for the rest of the batch). A QueryCanceled that the executor
+did not ask for and that came once the step had run for its time-out is that time-out: the
+step fails with "statement timeout after Ns" (SQLSTATE 57014). Every failure goes to the
+mailbox with its verdict (``sqlstate``, ``retryable``, ``http_status``, ``error_class``,
+``retry_after``) and the attempt number the engine sent, for the node's retry policy; a 429
+or 503 answer that is a result carries its Retry-After too.
 """
 
 from __future__ import annotations
@@ -63,6 +75,20 @@ from durable_actor.steps import sql as sql_step
 
 NON_TRANSACTIONAL = "25001"   # active_sql_transaction: "… cannot run inside a transaction block"
 QUERY_CANCELED = "57014"
+
+
+TIMEOUT_SLACK = 0.05          # seconds: a cancel this close to the time-out is the time-out
+
+
+def step_timeout(payload: dict[str, Any]) -> float | None:
+    """The SQL step's time-out in seconds (df.timeout), None when it has none."""
+    value = payload.get("timeout_seconds")
+    return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def timed_out(seconds: float) -> StepError:
+    return StepError(f"SQL execution failed: statement timeout after {seconds:g}s",
+                     sqlstate=QUERY_CANCELED)
 
 
 @dataclass
@@ -181,25 +207,32 @@ class Executor(Loop):
                                 cur: psycopg.AsyncCursor[Any],
                                 task: dict[str, Any]) -> Outcome | None:
         payload = task["payload"]
+        timeout = step_timeout(payload)
         self.current, self.cancel_current = task, False
         started = time.monotonic()
         metrics.step_started(task["kind"])
         try:
             async with conn.transaction():
                 await self._enter_step(conn, task)
+                if timeout is not None:
+                    await conn.execute("SELECT set_config('statement_timeout', %s, true)",
+                                       (f"{max(1, round(timeout * 1000))}ms",))
                 result = await sql_step.run_sql(conn, payload["query"], payload.get("results", {}))
                 await conn.execute("RESET ROLE")
+                if timeout is not None:
+                    await conn.execute("SET LOCAL statement_timeout TO DEFAULT")
             return self._outcome(task, result=result, started=started)
         except psycopg.errors.QueryCanceled as exc:
             return self._cancelled(task, StepError(
-                f"SQL execution failed: {str(exc).strip()}", sqlstate=QUERY_CANCELED), started)
+                f"SQL execution failed: {str(exc).strip()}", sqlstate=QUERY_CANCELED), started,
+                timeout)
         except StepError as exc:
             if exc.sqlstate == QUERY_CANCELED:
-                return self._cancelled(task, exc, started)
+                return self._cancelled(task, exc, started, timeout)
             if exc.sqlstate == NON_TRANSACTIONAL:
                 await cur.execute(q("task_mark_autocommit"), {"id": task["id"]})
                 return None
-            return self._outcome(task, error=str(exc), started=started)
+            return self._outcome(task, error=exc, started=started)
         finally:
             self.current = None
 
@@ -210,12 +243,16 @@ class Executor(Loop):
         self.batch_cut = True
         self.cut_request = asyncio.create_task(conn.cancel_safe())
 
-    def _cancelled(self, task: dict[str, Any], exc: StepError, started: float) -> Outcome | None:
+    def _cancelled(self, task: dict[str, Any], exc: StepError, started: float,
+                   timeout: float | None = None) -> Outcome | None:
         if self.batch_cut and not self.cancel_current:
             return None   # cut short to commit the batch: it runs again on its own
+        if (timeout is not None and not self.cancel_current
+                and time.monotonic() - started >= timeout - TIMEOUT_SLACK):
+            return self._outcome(task, error=timed_out(timeout), started=started)
         if not self.cancel_current and time.monotonic() - self.cancel_sent_at < 5.0:
             return None   # a cancel meant for another step hit this one: run it again
-        return self._outcome(task, error=str(exc), started=started)
+        return self._outcome(task, error=exc, started=started)
 
     async def _enter_step(self, conn: psycopg.AsyncConnection[Any], task: dict[str, Any]) -> None:
         await conn.execute(
@@ -225,19 +262,32 @@ class Executor(Loop):
             (task["instance_id"], task["role"], task["role"]))
 
     def _outcome(self, task: dict[str, Any], *, started: float, result: Any = None,
-                 error: str | None = None) -> Outcome:
+                 error: StepError | None = None) -> Outcome:
         elapsed_ms = round((time.monotonic() - started) * 1000, 3)
         metrics.step_finished(task["kind"], error is None, elapsed_ms / 1000)
+        body: dict[str, Any]
         if error is None:
             self.log.debug("step_completed", instance_id=task["instance_id"],
                            node_id=task["node_id"], step_type=task["kind"],
                            duration_ms=elapsed_ms)
             body = {"result": result}
+            if isinstance(result, dict) and result.get("status") in (429, 503):
+                headers = result.get("headers")
+                after = http_step.retry_after_seconds(
+                    headers.get("retry-after") if isinstance(headers, dict) else None)
+                if after is not None:
+                    body["retry_after"] = after
         else:
             self.log.info("step_failed", instance_id=task["instance_id"],
                           node_id=task["node_id"], step_type=task["kind"],
-                          duration_ms=elapsed_ms, error=error)
-            body = {"error": error}
+                          duration_ms=elapsed_ms, error=str(error), sqlstate=error.sqlstate)
+            body = {"error": str(error), "sqlstate": error.sqlstate,
+                    "retryable": error.retryable, "http_status": error.http_status,
+                    "error_class": error.error_class, "retry_after": error.retry_after}
+            body = {k: v for k, v in body.items() if v is not None}
+        attempt = task["payload"].get("attempt")
+        if attempt is not None:
+            body["attempt"] = attempt
         return Outcome(task, orjson.dumps(body).decode())
 
     # -- leased steps (at least once) --------------------------------------------------------
@@ -259,7 +309,7 @@ class Executor(Loop):
             result = await self._run_outside(task)
             outcome = self._outcome(task, result=result, started=started)
         except StepError as exc:
-            outcome = self._outcome(task, error=str(exc), started=started)
+            outcome = self._outcome(task, error=exc, started=started)
         await self._complete_leased(conn, outcome, token)
 
     async def _complete_leased(self, conn: psycopg.AsyncConnection[Any], outcome: Outcome,
@@ -299,29 +349,41 @@ class Executor(Loop):
             result = await self.http.call(task, policy)
             return self._outcome(task, result=result, started=started)
         except StepError as exc:
-            return self._outcome(task, error=str(exc), started=started)
+            return self._outcome(task, error=exc, started=started)
         except Exception as exc:    # a fault of ours must fail the step, not the batch
             self.log.exception("http_step_crashed", instance_id=task["instance_id"],
                                node_id=task["node_id"])
-            return self._outcome(task, error=f"HTTP request failed: {exc!r}", started=started)
+            return self._outcome(task, error=StepError(f"HTTP request failed: {exc!r}"),
+                                 started=started)
 
     async def _run_outside(self, task: dict[str, Any]) -> Any:
         dsn = self.dsn
         if task["database"] and task["database"] != self.database:
             dsn = make_conninfo(self.dsn, dbname=task["database"])
         payload = task["payload"]
+        timeout = step_timeout(payload)
+        started = time.monotonic()
         try:
             async with await db.connect(dsn, role="executor step", autocommit=True) as other:
                 await other.execute(
                     "SELECT set_config('df.instance_id', %s, false),"
                     " CASE WHEN %s::text IS DISTINCT FROM current_user"
-                    "      THEN set_config('role', %s, false) END",
-                    (task["instance_id"], task["role"], task["role"]))
+                    "      THEN set_config('role', %s, false) END,"
+                    " set_config('statement_timeout', %s, false)",
+                    (task["instance_id"], task["role"], task["role"],
+                     "0" if timeout is None else f"{max(1, round(timeout * 1000))}ms"))
                 return await sql_step.run_sql(other, payload["query"],
                                               payload.get("results", {}))
         except psycopg.Error as exc:
+            if (isinstance(exc, psycopg.errors.QueryCanceled) and timeout is not None
+                    and time.monotonic() - started >= timeout - TIMEOUT_SLACK):
+                raise timed_out(timeout) from exc
+            # A connection that failed or broke is transient, as are 40001 and 40P01.
+            transient = (exc.sqlstate or "").startswith("08") or exc.sqlstate in (
+                "40001", "40P01") or (exc.sqlstate is None and isinstance(
+                    exc, psycopg.OperationalError))
             raise StepError(f"SQL execution failed: {str(exc).strip()}",
-                            sqlstate=exc.sqlstate) from exc
+                            sqlstate=exc.sqlstate, retryable=transient) from exc
 
     # -- cancellation ----------------------------------------------------------------------
 

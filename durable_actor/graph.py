@@ -4,6 +4,8 @@ Validation of user input happens in SQL at ``df.start()`` (sql/migrations/0002_d
 anything is written; this module only reads what was stored. Children that are not
 ``left_node``/``right_node`` live in the stored ``query`` config as ids
 (``{"condition_node": id}`` for IF and LOOP, ``{"extra_nodes": [ids]}`` for JOIN and RACE).
+A step's retry policy and time-out (``df.retry``, ``df.timeout``) live in
+``df.nodes.options``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,36 @@ LEAF_TYPES = frozenset({"SQL", "HTTP", "HTTP_MULTIPART", "SLEEP", "WAIT_SCHEDULE
                         "BREAK"})
 COMPOSITE_TYPES = frozenset({"THEN", "IF", "JOIN", "RACE", "LOOP"})
 STEP_KINDS = {"SQL": "sql", "HTTP": "http", "HTTP_MULTIPART": "http"}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``df.retry``'s options: how often a step runs at most, and how long it waits between.
+
+    ``retry_on`` None means the default classes (the executor's verdict, plus HTTP 429).
+    """
+
+    max_attempts: int
+    backoff_seconds: float
+    max_backoff_seconds: float
+    retry_on: tuple[str, ...] | None = None
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> RetryPolicy | None:
+        """The policy in a node's stored options; None when there is none (or it is unreadable,
+        which df.start's validation rules out)."""
+        raw = (options or {}).get("retry")
+        if not isinstance(raw, dict):
+            return None
+        try:
+            attempts = int(raw["max_attempts"])
+            backoff = float(raw["backoff_seconds"])
+            cap = float(raw["max_backoff_seconds"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        on = raw.get("retry_on")
+        retry_on = tuple(str(x) for x in on) if isinstance(on, list) else None
+        return cls(max(1, attempts), backoff, max(cap, backoff), retry_on)
 
 
 @dataclass
@@ -38,6 +70,18 @@ class Node:
     error: str | None = None
     activation: int = 0
     details: dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+
+    @property
+    def retry(self) -> RetryPolicy | None:
+        """The step's retry policy (``df.retry``), if any."""
+        return RetryPolicy.from_options(self.options)
+
+    @property
+    def timeout_seconds(self) -> float | None:
+        """The SQL step's statement time-out (``df.timeout``), if any."""
+        value = (self.options or {}).get("timeout_seconds")
+        return float(value) if isinstance(value, int | float) and value > 0 else None
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -88,7 +132,8 @@ def node_from_row(row: dict[str, Any]) -> Node:
         left=row.get("left_node"), right=row.get("right_node"), condition=condition,
         extras=extras, parent=row.get("parent_node"), position=row.get("position") or 0,
         status=row.get("status") or "pending", result=result, error=row.get("error"),
-        activation=row.get("activation") or 0, details=row.get("status_details"))
+        activation=row.get("activation") or 0, details=row.get("status_details"),
+        options=row.get("options"))
 
 
 @dataclass

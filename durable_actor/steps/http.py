@@ -40,6 +40,7 @@ import asyncio
 import base64
 import binascii
 import codecs
+import email.utils
 import re
 import socket
 import ssl
@@ -463,12 +464,13 @@ class HttpCaller:
                 status, headers, data = await self._exchange(request, policy)
         except TimeoutError as exc:
             raise StepError(f"HTTP timeout after {request.timeout:g}s: {request.safe_url}",
-                            retryable=True) from exc
+                            retryable=True, error_class="http_timeout") from exc
         duration_ms = round((time.monotonic() - started) * 1000)
         body, encoding = decode_body(data, headers.get("content-type"))
         if status >= 500:
             raise StepError(f"{label} {request.method} {request.safe_url} returned {status}: "
-                            f"{_preview(body)}", retryable=True)
+                            f"{_preview(body)}", retryable=True, http_status=status,
+                            retry_after=retry_after_seconds(headers.get("retry-after")))
         return envelope(status, body, encoding, headers, duration_ms)
 
     async def _exchange(self, request: Request, policy: Policy
@@ -499,10 +501,27 @@ class HttpCaller:
                             "unsupported URL scheme. Only http and https are allowed.") from exc
         except httpx.ConnectError as exc:
             raise StepError(f"HTTP connection failed: {request.safe_url} - {exc}",
-                            retryable=True) from exc
+                            retryable=True, error_class="http_connect") from exc
         except httpx.HTTPError as exc:
             raise StepError(f"HTTP request failed: {request.safe_url} - {exc}",
-                            retryable=True) from exc
+                            retryable=True, error_class="http_network") from exc
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header in seconds from now: delta-seconds or an HTTP date (RFC 9110
+    §10.2.3); None when absent or unreadable. A date in the past is 0."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 async def _read_limited(response: httpx.Response, limit: int) -> bytes:

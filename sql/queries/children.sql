@@ -49,7 +49,7 @@ INSERT INTO df.mailbox (instance_id, kind) SELECT id, 'start' FROM spawned;
 -- name: children_copy_nodes
 -- Each child gets a copy of its branch's nodes (same ids), pending.
 INSERT INTO df.nodes (id, instance_id, node_type, query, result_name, left_node, right_node,
-                      status, submitted_by, database, parent_node, position)
+                      status, submitted_by, database, parent_node, position, options)
 WITH RECURSIVE branch(child, parent, id) AS (
     SELECT u.child, u.parent, u.root
     FROM unnest(%(ids)s::text[], %(parents)s::text[], %(roots)s::text[]) AS u(child, parent, root)
@@ -58,7 +58,7 @@ WITH RECURSIVE branch(child, parent, id) AS (
     FROM branch b JOIN df.nodes n ON n.instance_id = b.parent AND n.parent_node = b.id
 )
 SELECT n.id, b.child, n.node_type, n.query, n.result_name, n.left_node, n.right_node,
-       'pending', n.submitted_by, n.database, n.parent_node, n.position
+       'pending', n.submitted_by, n.database, n.parent_node, n.position, n.options
 FROM branch b JOIN df.nodes n ON n.instance_id = b.parent AND n.id = b.id;
 
 -- name: children_cancel

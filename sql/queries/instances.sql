@@ -25,7 +25,7 @@ WHERE m.id IN (SELECT m2.id FROM df.mailbox m2
 
 -- name: nodes_load_many
 SELECT instance_id, id, node_type, query, result_name, left_node, right_node, parent_node,
-       position, status, result_text, error, activation, status_details
+       position, status, result_text, error, activation, status_details, options
 FROM df.nodes
 WHERE instance_id = ANY(%(ids)s::text[]);
 

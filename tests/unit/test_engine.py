@@ -41,7 +41,9 @@ def store(graph: dict[str, Any], **kw: Any) -> InstanceState:
         nid = f"{len(rows):08x}"
         row: dict[str, Any] = {"id": nid, "node_type": node["node_type"],
                                "result_name": node.get("result_name"), "parent_node": parent,
-                               "position": len(rows)}
+                               "position": len(rows),
+                               "options": {k: node[k] for k in ("retry", "timeout_seconds")
+                                           if k in node} or None}
         rows.append(row)
         cond = walk(node["condition_node"], nid) if "condition_node" in node else None
         row["left_node"] = walk(node["left_node"], nid) if "left_node" in node else None
@@ -659,3 +661,216 @@ def test_foreach_keeps_max_parallel_children_and_collects_in_row_order() -> None
     fam.answer(first, rows("a"))
     assert fam.root.status == "completed"
     assert fam.root.root_node.result == [rows("a"), rows("b"), rows("c")]
+
+
+# -- retries (df.retry) and time-outs (df.timeout) --------------------------------------------
+
+def retried(q: str = "UPDATE t SET v = v + 1", *, attempts: int = 4, backoff: float = 1.0,
+            cap: float = 60.0, retry_on: list[str] | None = None,
+            node_type: str = "SQL") -> dict[str, Any]:
+    policy: dict[str, Any] = {"max_attempts": attempts, "backoff_seconds": backoff,
+                              "max_backoff_seconds": cap}
+    if retry_on is not None:
+        policy["retry_on"] = retry_on
+    return {"node_type": node_type, "query": q, "retry": policy}
+
+
+def fail(state: InstanceState, step: RunStep, now: datetime, error: str = "deadlock detected",
+         **verdict: Any) -> list[Any]:
+    verdict.setdefault("sqlstate", "40P01")
+    verdict.setdefault("retryable", True)
+    return transition(state, StepDone(step.node_id, step.activation, now, error=error,
+                                      attempt=step.payload.get("attempt"), **verdict))[1]
+
+
+def timers(effects: list[Any]) -> list[StartTimer]:
+    return [e for e in effects if isinstance(e, StartTimer)]
+
+
+def test_a_retryable_failure_waits_on_a_timer_then_runs_the_next_attempt() -> None:
+    state = store(retried())
+    _, out = transition(state, Start(T0))
+    first = steps(out)[0]
+    assert first.payload["attempt"] == 1
+    out = fail(state, first, T0)
+    assert not steps(out) and status_of(out) is None
+    node = state.node(first.node_id)
+    assert node.status == "running"          # the node keeps running while it waits
+    (timer,) = timers(out)
+    assert timer.activation == first.activation
+    assert T0 + timedelta(seconds=0.5) <= timer.due_at <= T0 + timedelta(seconds=1)
+    (entry,) = node.details["attempts"]
+    assert entry["attempt"] == 1 and entry["status"] == "failed"
+    assert entry["error"] == "deadlock detected" and entry["sqlstate"] == "40P01"
+    assert entry["at"] == T0.isoformat() and entry["retry_at"] == timer.due_at.isoformat()
+    assert node.details["retry_at"] == timer.due_at.isoformat()
+
+    _, out = transition(state, TimerFired(first.node_id, first.activation, timer.due_at))
+    (second,) = steps(out)
+    assert second.payload["attempt"] == 2 and second.activation == first.activation
+    assert "retry_at" not in state.node(first.node_id).details
+    out = done(state, second, rows(1), now=timer.due_at)
+    assert status_of(out) == "completed"
+    attempts = state.node(first.node_id).details["attempts"]
+    assert [a["status"] for a in attempts] == ["failed", "completed"]
+    assert attempts[1]["attempt"] == 2
+
+
+def test_backoff_doubles_up_to_the_cap_with_jitter_in_bounds() -> None:
+    state = store(retried(attempts=8, backoff=1.0, cap=10.0))
+    _, out = transition(state, Start(T0))
+    step = steps(out)[0]
+    now = T0
+    delays = []
+    for _ in range(7):
+        (timer,) = timers(fail(state, step, now))
+        delays.append((timer.due_at - now).total_seconds())
+        now = timer.due_at
+        _, out = transition(state, TimerFired(step.node_id, step.activation, now))
+        step = steps(out)[0]
+    bases = [1, 2, 4, 8, 10, 10, 10]
+    for delay, base in zip(delays, bases, strict=True):
+        assert base / 2 <= delay <= base, (delays, bases)
+    assert len({round(d / b, 9) for d, b in zip(delays, bases, strict=True)}) > 1  # jittered
+    assert step.payload["attempt"] == 8
+
+
+def test_jitter_is_deterministic_and_spreads_instances() -> None:
+    policy = engine.RetryPolicy(5, 2.0, 60.0)
+    assert engine.retry_delay(policy, 3, "a:b:1:3") == engine.retry_delay(policy, 3, "a:b:1:3")
+    spread = {engine.retry_delay(policy, 3, f"{i:08x}:b:1:3") for i in range(50)}
+    assert len(spread) == 50 and all(4.0 <= d <= 8.0 for d in spread)
+
+
+def test_retry_after_is_honoured_up_to_the_cap() -> None:
+    policy = engine.RetryPolicy(5, 0.1, 30.0)
+    assert engine.retry_delay(policy, 1, "k", retry_after=7) == 7
+    assert engine.retry_delay(policy, 1, "k", retry_after=500) == 30
+    assert engine.retry_delay(policy, 1, "k", retry_after=0) <= 0.1
+
+
+def test_the_last_attempt_fails_saying_how_many_were_made() -> None:
+    state = store(then(retried(attempts=3), sql("SELECT 2")))
+    _, out = transition(state, Start(T0))
+    step = steps(out)[0]
+    now = T0
+    for _ in range(2):
+        (timer,) = timers(fail(state, step, now))
+        now = timer.due_at
+        step = steps(transition(state, TimerFired(step.node_id, step.activation, now))[1])[0]
+    out = fail(state, step, now)
+    assert status_of(out) == "failed" and not timers(out)
+    node = state.node(step.node_id)
+    assert node.error == "deadlock detected (gave up after 3 attempts)"
+    assert state.root_node.error == node.error
+    assert [a["attempt"] for a in node.details["attempts"]] == [1, 2, 3]
+    assert "retry_at" not in node.details
+
+
+def test_a_non_retryable_error_fails_at_once() -> None:
+    state = store(retried())
+    _, out = transition(state, Start(T0))
+    out = fail(state, steps(out)[0], T0, error="SQL execution failed: division by zero",
+               sqlstate="22012", retryable=False)
+    assert status_of(out) == "failed" and not timers(out)
+    assert state.root_node.error == ("SQL execution failed: division by zero "
+                                     "(not retried: not a retryable error)")
+    assert len(state.root_node.details["attempts"]) == 1
+
+
+def test_retry_on_lists_what_is_retried() -> None:
+    m = engine.retry_matches
+    assert m(None, sqlstate="40001", retryable=True)
+    assert not m(None, sqlstate="57014", retryable=False)
+    assert m(("57014",), sqlstate="57014", retryable=False)
+    assert not m(("57014",), sqlstate="40001", retryable=True)       # the list replaces defaults
+    assert m(("default", "57014"), sqlstate="40001", retryable=True)
+    assert m(("23",), sqlstate="23505", retryable=False)             # a SQLSTATE class
+    assert m(("any",), sqlstate="42601", retryable=False)
+    assert m(("http_5xx",), sqlstate=None, retryable=True, http_status=502)
+    assert m(("http_503",), sqlstate=None, retryable=True, http_status=503)
+    assert not m(("http_503",), sqlstate=None, retryable=True, http_status=500)
+    assert m(("http_timeout",), sqlstate=None, retryable=True, error_class="http_timeout")
+    assert not m(("http_timeout",), sqlstate=None, retryable=True, error_class="http_connect")
+    s = engine.retry_matches_status
+    assert s(None, 429) and not s(None, 404) and not s(("any",), 429)
+    assert s(("http_4xx",), 404) and s(("http_409",), 409) and not s(("http_5xx",), 429)
+
+
+def test_http_429_result_is_retried_and_the_last_one_is_the_result() -> None:
+    state = store(retried(orjson.dumps({"url": "http://x"}).decode(), attempts=2,
+                          node_type="HTTP"))
+    _, out = transition(state, Start(T0))
+    step = steps(out)[0]
+    envelope = {"status": 429, "body": "", "encoding": "text", "headers": {}, "ok": False,
+                "duration_ms": 3}
+    _, out = transition(state, StepDone(step.node_id, step.activation, T0, envelope,
+                                        retry_after=5.0, attempt=1))
+    (timer,) = timers(out)
+    assert timer.due_at == T0 + timedelta(seconds=5)
+    assert state.root_node.details["attempts"][0]["http_status"] == 429
+    now = timer.due_at
+    step = steps(transition(state, TimerFired(step.node_id, step.activation, now))[1])[0]
+    _, out = transition(state, StepDone(step.node_id, step.activation, now, envelope,
+                                        attempt=2))
+    assert status_of(out) == "completed" and finished(out).result == envelope
+
+
+def test_stale_timers_and_answers_during_a_back_off_are_ignored() -> None:
+    state = store(retried())
+    _, out = transition(state, Start(T0))
+    step = steps(out)[0]
+    (timer,) = timers(fail(state, step, T0))
+    # a second answer for attempt 1 while waiting, and one for the wrong activation
+    assert fail(state, step, T0) == []
+    assert transition(state, StepDone(step.node_id, step.activation + 7, T0, rows(1)))[1] == []
+    assert transition(state, TimerFired(step.node_id, step.activation + 7, timer.due_at))[1] == []
+    _, out = transition(state, TimerFired(step.node_id, step.activation, timer.due_at))
+    second = steps(out)[0]
+    # the same timer delivered twice issues no second run; attempt 1's late answer is stale
+    assert transition(state, TimerFired(step.node_id, step.activation, timer.due_at))[1] == []
+    assert transition(state, StepDone(step.node_id, step.activation, T0, rows(1),
+                                      attempt=1))[1] == []
+    assert state.root_node.status == "running"
+    assert status_of(done(state, second, rows(9))) == "completed"
+
+
+def test_cancel_during_a_back_off_drops_the_timer() -> None:
+    state = store(retried())
+    _, out = transition(state, Start(T0))
+    step = steps(out)[0]
+    (timer,) = timers(fail(state, step, T0))
+    _, out = transition(state, Cancel("stop", T0))
+    assert DropWork(None) in out and status_of(out) == "cancelled"
+    assert transition(state, TimerFired(step.node_id, step.activation, timer.due_at))[1] == []
+    assert state.root_node.status == "failed"
+
+
+def test_a_step_without_a_policy_fails_at_once_as_before() -> None:
+    state = store(sql("SELECT 1"))
+    _, out = transition(state, Start(T0))
+    step = steps(out)[0]
+    assert "attempt" not in step.payload
+    out = fail(state, step, T0)
+    assert status_of(out) == "failed" and state.root_node.error == "deadlock detected"
+    assert state.root_node.details is None
+
+
+def test_a_loop_iteration_starts_with_fresh_attempts() -> None:
+    state = store({"node_type": "LOOP", "left_node": retried(attempts=3)})
+    _, out = transition(state, Start(T0))
+    step = steps(out)[0]
+    (timer,) = timers(fail(state, step, T0))
+    step = steps(transition(state, TimerFired(step.node_id, step.activation, timer.due_at))[1])[0]
+    _, out = transition(state, StepDone(step.node_id, step.activation, timer.due_at, rows(1),
+                                        attempt=2))
+    (pad,) = timers(out)                      # the loop pads its iteration to one second
+    _, out = transition(state, TimerFired(state.root, state.root_node.activation, pad.due_at))
+    (again,) = steps(out)
+    assert again.payload["attempt"] == 1 and state.node(again.node_id).details is None
+
+
+def test_the_timeout_goes_to_the_executor_with_the_step() -> None:
+    state = store({"node_type": "SQL", "query": "SELECT pg_sleep(9)", "timeout_seconds": 1.5})
+    _, out = transition(state, Start(T0))
+    assert steps(out)[0].payload["timeout_seconds"] == 1.5
