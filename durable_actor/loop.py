@@ -70,7 +70,10 @@ class Loop:
         return float(min(cap, base * 2 ** min(self.idle_rounds, 20)))
 
     def connection_options(self) -> dict[str, str]:
-        return {}
+        # The runtime's own statements are short; JIT compiling one (its recursive CTEs are
+        # estimated large) costs tens of milliseconds. Executors keep the server's setting
+        # for the users' steps.
+        return {"jit": "off"}
 
     # -- the loop ------------------------------------------------------------------------
 
