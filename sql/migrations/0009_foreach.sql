@@ -69,3 +69,21 @@ ALTER FUNCTION df._validate_graph(text) SET jit = off;
 ALTER FUNCTION df._validate_graph_0002(text) SET jit = off;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM PUBLIC;
+
+-- transaction_mode 'new' and awaiting an instance in the transaction that started it
+-- (SELECT df.result(df.await_instance(df.start(…), 30))) need dblink. Install it where the
+-- migrating role may (a superuser, or a managed service that allows it); elsewhere those two
+-- features say how to enable it, and everything else works without.
+DO $$
+BEGIN
+    IF df._dblink_schema() IS NULL
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_available_extensions WHERE name = 'dblink') THEN
+        BEGIN
+            CREATE EXTENSION IF NOT EXISTS dblink;
+        EXCEPTION WHEN insufficient_privilege OR feature_not_supported
+                       OR object_not_in_prerequisite_state THEN
+            RAISE NOTICE 'dblink not installed (%): transaction_mode ''new'' and same-transaction awaits need it', SQLERRM;
+        END;
+    END IF;
+END
+$$;

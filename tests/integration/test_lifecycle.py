@@ -184,6 +184,9 @@ def test_new_mode_is_refused_inside_a_workflow(conn: Conn) -> None:
 
 def test_new_mode_and_same_transaction_awaits_need_dblink(fresh_dsn: str) -> None:
     with psycopg.connect(fresh_dsn, autocommit=True) as c:
+        # the migrations install dblink where the migrating role may (here: a superuser)
+        assert one(c, "SELECT df._dblink_schema()") is not None
+        c.execute("DROP EXTENSION dblink")
         before = counts(c)
         with pytest.raises(psycopg.Error, match="needs the dblink extension"):
             c.execute("SELECT df.start('SELECT 1', NULL, NULL, 'new')")

@@ -67,7 +67,6 @@ def sleeping(db: Conn, seconds: int) -> int:
 # -- JOIN -------------------------------------------------------------------------------------
 
 def test_join_in_one_statement(db: Conn) -> None:
-    db.execute("CREATE EXTENSION IF NOT EXISTS dblink")   # awaits what it just started
     out = one(db, "SELECT df.result(df.await_instance("
                   "df.start($$SELECT 1 AS a$$ & $$SELECT 2 AS b$$), 30))")
     assert json.loads(out) == [rows(1, col="a"), rows(2, col="b")]
