@@ -68,7 +68,66 @@ ALTER FUNCTION df._store_graph(text, jsonb, bigint, regrole, text) SET jit = off
 ALTER FUNCTION df._validate_graph(text) SET jit = off;
 ALTER FUNCTION df._validate_graph_0002(text) SET jit = off;
 
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM PUBLIC;
+
+-- df.explain(instance id) also lists the child instances its JOIN/RACE/FOREACH nodes spawned,
+-- as a tree (the first 50; then how many more).
+CREATE OR REPLACE FUNCTION df._explain_instance(p_instance_id text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY INVOKER AS $$
+DECLARE
+    v_root text;
+    v_label text;
+    v_status text;
+    v_map jsonb;
+    v_output text;
+    v_out text;
+    v_children text;
+    v_total bigint;
+BEGIN
+    SELECT i.root_node, i.label, i.status INTO v_root, v_label, v_status
+      FROM df.instances i WHERE i.id = p_instance_id;
+    IF NOT FOUND THEN
+        RETURN format('Instance ''%s'' not found', p_instance_id);
+    END IF;
+    v_map := df._instance_node_map(p_instance_id);
+    IF v_map IS NULL THEN
+        RETURN format('No nodes found for instance ''%s''', p_instance_id);
+    END IF;
+    v_out := 'Instance: ' || p_instance_id
+             || CASE WHEN v_label IS NOT NULL THEN ' (' || v_label || ')' ELSE '' END || E'\n'
+             || 'Status:   ' || df._status_mark(v_status) || ' ' || v_status || E'\n';
+    IF v_status = 'completed' THEN
+        SELECT g.result_text INTO v_output
+          FROM df._instance_graph_nodes(p_instance_id) g WHERE g.id = v_root;
+        IF v_output IS NOT NULL THEN
+            v_out := v_out || 'Output:   '
+                     || CASE WHEN length(v_output) > 60 THEN left(v_output, 57) || '...'
+                             ELSE v_output END || E'\n';
+        END IF;
+    END IF;
+    v_out := v_out || E'\n' || df._render_tree(v_root, v_map, true);
+    SELECT count(*) INTO v_total FROM df.instance_children(p_instance_id);
+    IF v_total > 0 THEN
+        SELECT string_agg(repeat('  ', c.depth) || df._status_mark(c.status) || ' ' || c.child_id
+                          || ' (' || coalesce(n.node_type, '?') || ' ' || c.parent_node
+                          || CASE WHEN n.node_type = 'FOREACH' THEN ' row ' ELSE ' branch ' END
+                          || c.branch || ') ' || c.status, E'\n' ORDER BY c.ord)
+          INTO v_children
+          FROM (SELECT ch.*, row_number() OVER () AS ord
+                  FROM df.instance_children(p_instance_id) ch LIMIT 50) c
+          LEFT JOIN df.nodes n ON n.instance_id = c.parent_id AND n.id = c.parent_node;
+        v_out := v_out || E'\n\nChild instances (' || v_total || E'):\n' || v_children
+                 || CASE WHEN v_total > 50 THEN E'\n  … and ' || (v_total - 50) || ' more'
+                         ELSE '' END;
+    END IF;
+    RETURN v_out;
+END
+$$;
+
+CREATE FUNCTION df._status_mark(p_status text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE p_status WHEN 'completed' THEN '✓' WHEN 'failed' THEN '✗'
+                         WHEN 'cancelled' THEN '✗' WHEN 'running' THEN '⏳' ELSE '○' END
+$$;
 
 -- transaction_mode 'new' and awaiting an instance in the transaction that started it
 -- (SELECT df.result(df.await_instance(df.start(…), 30))) need dblink. Install it where the
@@ -85,5 +144,32 @@ BEGIN
             RAISE NOTICE 'dblink not installed (%): transaction_mode ''new'' and same-transaction awaits need it', SQLERRM;
         END;
     END IF;
+END
+$$;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM PUBLIC;
+
+-- Roles granted before 0004 and this migration get their new functions as df.grant_usage
+-- would give them: whoever may run df.sql may run these.
+DO $$
+DECLARE
+    v_role oid;
+    v_fn regprocedure;
+BEGIN
+    FOR v_role IN
+        SELECT DISTINCT a.grantee
+        FROM pg_catalog.pg_proc p, LATERAL aclexplode(p.proacl) a
+        WHERE p.oid = 'df.sql(text)'::regprocedure AND a.privilege_type = 'EXECUTE'
+          AND a.grantee <> 0 AND a.grantee <> p.proowner
+    LOOP
+        FOR v_fn IN
+            SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+            WHERE p.pronamespace = 'df'::regnamespace
+              AND p.proname IN ('_family_depth', 'instance_children', '_foreach', 'foreach',
+                                'foreach_query', '_status_mark')
+        LOOP
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', v_fn, v_role::regrole);
+        END LOOP;
+    END LOOP;
 END
 $$;

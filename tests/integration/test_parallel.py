@@ -260,7 +260,8 @@ def test_children_are_visible_with_their_parent(db: Conn) -> None:
         "SELECT status FROM df.instance_nodes(%s)", (i,))]
     assert statuses == ["completed"] * 3
     tree = one(db, "SELECT df.explain(%s)", i)
-    assert tree.count("✓") == 4 and "branch 2:" in tree     # the instance and its 3 nodes
+    graph = tree.split("Child instances")[0]
+    assert graph.count("✓") == 4 and "branch 2:" in graph    # the instance and its 3 nodes
 
 
 # -- crashes ----------------------------------------------------------------------------------
@@ -349,3 +350,13 @@ def test_foreach_is_checked_when_built_and_explained(db: Conn) -> None:
                                              '"query":"{\\"name\\":\\"d\\",\\"max_parallel\\":2}"}',))
     text = one(db, "SELECT df.explain(df.foreach('doc', $$SELECT $doc.id$$, 4))")
     assert "FOREACH row 'doc' of $doc (4 at a time)" in text and "per row:" in text
+
+
+def test_explain_lists_the_child_instances(db: Conn) -> None:
+    i = start(db, "$$SELECT 1$$ & ($$SELECT 2$$ & $$SELECT 3$$)")
+    assert wait(db, i) == "completed"
+    text = one(db, "SELECT df.explain(%s)", i)
+    kids = children(db, i)
+    assert "Child instances (4):" in text
+    assert all(k["child_id"] in text for k in kids)
+    assert text.count("(JOIN ") == 4 and " branch 2) completed" in text
