@@ -392,9 +392,10 @@ END $$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM PUBLIC;
 
--- Roles granted before this migration get the new functions as df.grant_usage would give
--- them (it grants every non-internal df function): whoever may run df.sql may run these.
-DO $$
+-- Roles granted before a migration get its new functions as df.grant_usage would give them
+-- (it grants every non-internal df function): whoever may run df.sql may run these.
+CREATE FUNCTION df._grant_to_users(p_names text[]) RETURNS void
+LANGUAGE plpgsql AS $$
 DECLARE
     v_role oid;
     v_fn regprocedure;
@@ -407,13 +408,15 @@ BEGIN
     LOOP
         FOR v_fn IN
             SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-            WHERE p.pronamespace = 'df'::regnamespace
-              AND p.proname IN ('_retry_limits', '_retry_classes', '_retry_class', '_json_number',
-                                '_step_options_error', '_retry_text', '_step_options',
-                                '_step_node', 'retry', 'timeout', '_validate_graph')
+            WHERE p.pronamespace = 'df'::regnamespace AND p.proname = ANY (p_names)
         LOOP
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', v_fn, v_role::regrole);
         END LOOP;
     END LOOP;
-END
-$$;
+END $$;
+REVOKE ALL ON FUNCTION df._grant_to_users(text[]) FROM PUBLIC;
+
+SELECT df._grant_to_users(ARRAY['_retry_limits', '_retry_classes', '_retry_class',
+                                '_json_number', '_step_options_error', '_retry_text',
+                                '_step_options', '_step_node', 'retry', 'timeout',
+                                '_validate_graph']);

@@ -149,27 +149,6 @@ $$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM PUBLIC;
 
--- Roles granted before 0004 and this migration get their new functions as df.grant_usage
--- would give them: whoever may run df.sql may run these.
-DO $$
-DECLARE
-    v_role oid;
-    v_fn regprocedure;
-BEGIN
-    FOR v_role IN
-        SELECT DISTINCT a.grantee
-        FROM pg_catalog.pg_proc p, LATERAL aclexplode(p.proacl) a
-        WHERE p.oid = 'df.sql(text)'::regprocedure AND a.privilege_type = 'EXECUTE'
-          AND a.grantee <> 0 AND a.grantee <> p.proowner
-    LOOP
-        FOR v_fn IN
-            SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
-            WHERE p.pronamespace = 'df'::regnamespace
-              AND p.proname IN ('_family_depth', 'instance_children', '_foreach', 'foreach',
-                                'foreach_query', '_status_mark')
-        LOOP
-            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', v_fn, v_role::regrole);
-        END LOOP;
-    END LOOP;
-END
-$$;
+-- Roles granted before 0004 and this migration get their new functions.
+SELECT df._grant_to_users(ARRAY['_family_depth', 'instance_children', '_foreach', 'foreach',
+                                'foreach_query', '_status_mark']);
