@@ -19,6 +19,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from durable_actor import schema
+from tests.runtime import Runtime
 
 for _k in list(os.environ):
     if _k.startswith("DURABLE_ACTOR_") and _k != "DURABLE_ACTOR_TEST_DSN":
@@ -143,5 +144,19 @@ def empty_dsn(server: Server) -> Iterator[str]:
 @pytest.fixture
 def conn(module_dsn: str) -> Iterator[psycopg.Connection]:
     """An autocommit connection to the module's database."""
+    with psycopg.connect(module_dsn, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def runtime(module_dsn: str) -> Iterator[Runtime]:
+    """The real runtime (supervisor, dispatcher, timer, 2 executors) on the module's database."""
+    with Runtime(module_dsn, executors=2) as rt:
+        yield rt
+
+
+@pytest.fixture
+def db(module_dsn: str, runtime: Runtime) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the module's database, with the runtime running."""
     with psycopg.connect(module_dsn, autocommit=True) as c:
         yield c

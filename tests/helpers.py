@@ -1,11 +1,15 @@
-"""Shared test helpers: wait on a condition with a deadline, never a fixed sleep."""
+"""Shared test helpers: wait on a condition with a deadline (never a fixed sleep); start,
+await and read workflows."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import psycopg
 
 T = TypeVar("T")
 
@@ -29,3 +33,26 @@ def until_sync(probe: Callable[[], T], *, timeout: float = 10.0, every: float = 
             raise AssertionError(f"not reached in {timeout}s; last seen {seen!r}")
         time.sleep(every)
     return seen
+
+
+def one(db: psycopg.Connection[Any], query: str, *args: Any) -> Any:
+    """The first column of the first row."""
+    row = db.execute(query, args).fetchone()  # type: ignore[arg-type]
+    assert row is not None
+    return row[0]
+
+
+def start(db: psycopg.Connection[Any], expr: str, *args: Any) -> str:
+    """df.start(<expr>) with `args` bound to its %s placeholders; the instance id."""
+    return str(one(db, f"SELECT df.start({expr})", *args))
+
+
+def wait(db: psycopg.Connection[Any], instance: str, timeout: int = 60) -> str:
+    """df.await_instance: the final status."""
+    return str(one(db, "SELECT df.await_instance(%s, %s)", instance, timeout))
+
+
+def result(db: psycopg.Connection[Any], instance: str) -> Any:
+    """df.result as JSON (None when there is none)."""
+    raw = one(db, "SELECT df.result(%s)", instance)
+    return None if raw is None else json.loads(raw)

@@ -258,12 +258,6 @@ def test_policy_query_rechecks_the_privilege(module_dsn: str) -> None:
 
 # -- end to end: df.start(df.http(...)) through the real runtime ------------------------------
 
-@pytest.fixture(scope="module")
-def runtime(module_dsn: str) -> Iterator[Runtime]:
-    with Runtime(module_dsn, executors=2) as rt:
-        yield rt
-
-
 @pytest.fixture
 def db(module_dsn: str, runtime: Runtime) -> Iterator[psycopg.Connection[Any]]:
     allow(module_dsn, "127.0.0.1")

@@ -6,47 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 
-from tests.helpers import until_sync
+from tests.helpers import one, result, start, until_sync, wait
 from tests.runtime import Runtime
 
 Conn = psycopg.Connection[Any]
-
-
-@pytest.fixture(scope="module")
-def runtime(module_dsn: str) -> Iterator[Runtime]:
-    with Runtime(module_dsn, executors=2) as rt:
-        yield rt
-
-
-@pytest.fixture
-def db(module_dsn: str, runtime: Runtime) -> Iterator[Conn]:
-    with psycopg.connect(module_dsn, autocommit=True) as c:
-        yield c
-
-
-def one(db: Conn, query: str, *args: Any) -> Any:
-    row = db.execute(query, args).fetchone()  # type: ignore[arg-type]
-    assert row is not None
-    return row[0]
-
-
-def start(db: Conn, expr: str) -> str:
-    return str(one(db, f"SELECT df.start({expr})"))
-
-
-def wait(db: Conn, instance: str, timeout: int = 60) -> str:
-    return str(one(db, "SELECT df.await_instance(%s, %s)", instance, timeout))
-
-
-def result(db: Conn, instance: str) -> Any:
-    raw = one(db, "SELECT df.result(%s)", instance)
-    return None if raw is None else json.loads(raw)
 
 
 def children(db: Conn, instance: str) -> list[dict[str, Any]]:

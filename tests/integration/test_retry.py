@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import psycopg
 import pytest
 
-from tests.helpers import until_sync
+from tests.helpers import start, until_sync
 from tests.runtime import Runtime, kill
 
 
@@ -86,24 +86,12 @@ def allow(dsn: str, value: str) -> None:
         c.execute("UPDATE df.settings SET value = %s WHERE name = 'http_allowed_hosts'", (value,))
 
 
-@pytest.fixture(scope="module")
-def runtime(module_dsn: str) -> Iterator[Runtime]:
-    with Runtime(module_dsn, executors=2) as rt:
-        yield rt
-
-
 @pytest.fixture
 def db(module_dsn: str, runtime: Runtime) -> Iterator[psycopg.Connection[Any]]:
     allow(module_dsn, "127.0.0.1")
     with psycopg.connect(module_dsn, autocommit=True) as c:
         yield c
     allow(module_dsn, "")
-
-
-def start(db: psycopg.Connection[Any], expr: str, *args: Any) -> str:
-    row = db.execute(f"SELECT df.start({expr})", args).fetchone()
-    assert row is not None
-    return str(row[0])
 
 
 def await_status(db: psycopg.Connection[Any], instance: str, status: str,

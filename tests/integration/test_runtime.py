@@ -3,43 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 
-from tests.helpers import until_sync
-from tests.runtime import Runtime
-
-
-@pytest.fixture(scope="module")
-def runtime(module_dsn: str) -> Iterator[Runtime]:
-    with Runtime(module_dsn, executors=2) as rt:
-        yield rt
-
-
-@pytest.fixture
-def db(module_dsn: str, runtime: Runtime) -> Iterator[psycopg.Connection[Any]]:
-    with psycopg.connect(module_dsn, autocommit=True) as c:
-        yield c
-
-
-def start(db: psycopg.Connection[Any], expr: str, *args: Any) -> str:
-    row = db.execute(f"SELECT df.start({expr})", args).fetchone()
-    assert row is not None
-    return str(row[0])
-
-
-def wait(db: psycopg.Connection[Any], instance: str, timeout: int = 30) -> str:
-    row = db.execute("SELECT df.await_instance(%s, %s)", (instance, timeout)).fetchone()
-    assert row is not None
-    return str(row[0])
-
-
-def result(db: psycopg.Connection[Any], instance: str) -> Any:
-    row = db.execute("SELECT df.result(%s)", (instance,)).fetchone()
-    return None if row is None or row[0] is None else json.loads(row[0])
+from tests.helpers import result, start, until_sync, wait
 
 
 def nodes(db: psycopg.Connection[Any], instance: str) -> list[dict[str, Any]]:
