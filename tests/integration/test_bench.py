@@ -1,4 +1,4 @@
-"""Smoke test of bench/run.py: each part runs with tiny sizes and prints valid JSON lines.
+"""Smoke tests of bench/run.py and bench/fanout.py: tiny sizes, valid JSON lines.
 
 Figures are not checked against anything (the machine is shared and noisy); only that every part
 produced them, that the ratio line is there, and that the scratch databases are gone.
@@ -82,3 +82,42 @@ def test_ratios_line_compares_the_systems_that_ran(server: Server) -> None:
     ratios = lines[-1]
     assert ratios["throughput_baseline_over_dbos_step"] > 0
     assert ratios["throughput_durable_over_baseline"] is None
+
+
+FANOUT = Path(__file__).resolve().parents[2] / "bench" / "fanout.py"
+FANOUT_KEYS = {"bench", "case", "size", "executors", "wall_s", "harness_wall_s", "samples",
+               "runtime_processes", "runtime_rss_mb_start", "runtime_rss_mb_peak",
+               "backends_rss_mb_peak", "backends_anon_mb_peak", "at_progress",
+               "sizes_mb_after", "rows_after", "supervisor_exit", "server", "date", "database"}
+
+
+def test_fanout_prints_a_line_per_case_and_the_ratios(server: Server) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(FANOUT), "--dsn", server.dsn, "--join-sizes", "20",
+         "--foreach-rows", "50", "--max-parallel", "8", "--executors", "1", "--starters", "2",
+         "--timeout", "60", "--ready-timeout", "30"],
+        capture_output=True, text=True, timeout=110, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    cases = lines[:-1]
+    assert [(ln["case"], ln["size"]) for ln in cases] == [
+        ("join", 20), ("independent", 20), ("foreach", 50)]
+    speed = {"join": "branches_per_s", "independent": "workflows_per_s",
+             "foreach": "rows_per_s"}
+    for ln in cases:
+        assert "error" not in ln, ln["error"]
+        assert ln.keys() >= FANOUT_KEYS | {speed[ln["case"]]}, ln
+        assert ln["bench"] == "fanout" and ln["supervisor_exit"] == 0
+        assert ln["runtime_rss_mb_peak"] > 0 and ln["runtime_processes"] >= 2
+        assert set(ln["at_progress"]) == {"10", "50", "100"}
+        assert ln["at_progress"]["100"]["sizes_mb"].keys() == {
+            "instances", "nodes", "foreach_rows"}
+        assert ln["rows_after"]["foreach_rows"] == 0
+    assert cases[0]["children_completed"] == 20 and cases[2]["children_completed"] == 50
+    assert cases[2]["max_parallel"] == 8
+    ratios = lines[-1]
+    assert ratios["bench"] == "fanout_ratios" and ratios["join_over_independent_20"] > 0
+    with server.admin() as conn:
+        left = conn.execute("SELECT datname FROM pg_database WHERE datname = ANY(%s)",
+                            ([ln["database"] for ln in cases],)).fetchall()
+    assert left == []
