@@ -43,6 +43,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from psycopg import pq
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
@@ -55,6 +56,12 @@ from durable_actor.steps import sql as sql_step
 
 NON_TRANSACTIONAL = "25001"   # active_sql_transaction: "… cannot run inside a transaction block"
 QUERY_CANCELED = "57014"
+
+
+@dataclass(frozen=True)
+class _Step:
+    function: str | None          # the submitter's step function; None: run directly
+    max_result_bytes: int | None
 
 
 @dataclass
@@ -155,10 +162,25 @@ class Executor(Loop):
         self.current, self.cancel_current = task, False
         started = time.monotonic()
         try:
-            async with conn.transaction():
-                await self._enter_step(conn, task)
-                result = await sql_step.run_sql(conn, payload["query"], payload.get("results", {}))
-                await conn.execute("RESET ROLE")
+            try:
+                async with conn.transaction():
+                    step = await self._enter_step(conn, task)
+                    if step.function is None:
+                        result = await sql_step.run_sql(conn, payload["query"],
+                                                        payload.get("results", {}))
+                    else:
+                        result = await sql_step.run_sql_confined(
+                            conn, payload["query"], payload.get("results", {}), step.function)
+                    await self._cleanup(conn)
+                    await conn.execute("RESET ROLE")
+                    self._check_result_size(result, step.max_result_bytes)
+            except BaseException:
+                # Rolled back to the savepoint; prepared statements, cursors WITH HOLD and
+                # session locks are not transactional.
+                if not conn.broken and not conn.closed and \
+                        conn.info.transaction_status == pq.TransactionStatus.INTRANS:
+                    await self._cleanup(conn)
+                raise
             return self._outcome(task, result=result, started=started)
         except psycopg.errors.QueryCanceled as exc:
             return self._cancelled(task, StepError(
@@ -178,12 +200,55 @@ class Executor(Loop):
             return None   # a cancel meant for another step hit this one: run it again
         return self._outcome(task, error=str(exc), started=started)
 
-    async def _enter_step(self, conn: psycopg.AsyncConnection[Any], task: dict[str, Any]) -> None:
+    async def _enter_step(self, conn: psycopg.AsyncConnection[Any], task: dict[str, Any],
+                          *, own_database: bool = True) -> _Step:
+        """Take on the submitter's role; say how its statement must run (docs/security.md).
+
+        A superuser submitter, or the runtime's own role, runs its statement directly under
+        SET ROLE: there is nothing above it to escape to. Every other role's statement runs
+        inside its step function, df_exec."step_<oid>", a SECURITY DEFINER function that role
+        owns; the role stays set only so that parsing resolves names as the submitter.
+        """
+        cur = await conn.execute(
+            "SELECT r.rolsuper OR r.rolname = current_user, r.oid,"
+            "       pg_catalog.to_regprocedure(pg_catalog.format("
+            "           'df_exec.%%I(text[], boolean)', 'step_' || r.oid))::pg_catalog.oid,"
+            + ("       df._setting('max_result_bytes')," if own_database else
+               "       NULL::text,") +
+            "       pg_catalog.set_config('df.instance_id', %s, true)"
+            " FROM pg_catalog.pg_roles r WHERE r.rolname = %s",
+            (task["instance_id"], task["role"]))
+        row = await cur.fetchone()
+        if row is None:
+            raise StepError(f'SQL execution failed: role "{task["role"]}" does not exist')
+        trusted, role_oid, function_oid, max_bytes, _ = row
         await conn.execute(
-            "SELECT set_config('df.instance_id', %s, true),"
-            " CASE WHEN %s::text IS DISTINCT FROM current_user"
-            "      THEN set_config('role', %s, true) END",
-            (task["instance_id"], task["role"], task["role"]))
+            "SELECT CASE WHEN %s::text IS DISTINCT FROM current_user"
+            "            THEN pg_catalog.set_config('role', %s, true) END",
+            (task["role"], task["role"]))
+        limit = int(max_bytes) if max_bytes else None
+        if trusted:
+            return _Step(None, limit)
+        if function_oid is None:
+            raise StepError(
+                f'SQL execution failed: role "{task["role"]}" has no step function; an '
+                f"administrator must run df.grant_usage('{task['role']}') again")
+        return _Step(f'df_exec."step_{int(role_oid)}"', limit)
+
+    async def _cleanup(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(sql_step.CLEANUP)          # first: it resets search_path
+        for name, value in self.connection_options().items():
+            await conn.execute("SELECT pg_catalog.set_config(%s, %s, false)", (name, value))
+
+    @staticmethod
+    def _check_result_size(result: Any, limit: int | None) -> None:
+        if limit is None:
+            return
+        size = len(orjson.dumps(result))
+        if size > limit:
+            raise StepError(
+                f"SQL execution failed: the result is {size} bytes of JSON; the maximum is "
+                f"{limit} (max_result_bytes in df.settings)")
 
     def _outcome(self, task: dict[str, Any], *, started: float, result: Any = None,
                  error: str | None = None) -> Outcome:
@@ -230,16 +295,44 @@ class Executor(Loop):
         payload = task["payload"]
         try:
             async with await db.connect(dsn, role="executor step", autocommit=True) as other:
-                await other.execute(
-                    "SELECT set_config('df.instance_id', %s, false),"
-                    " CASE WHEN %s::text IS DISTINCT FROM current_user"
-                    "      THEN set_config('role', %s, false) END",
-                    (task["instance_id"], task["role"], task["role"]))
-                return await sql_step.run_sql(other, payload["query"],
-                                              payload.get("results", {}))
+                return await self._run_sql_outside(other, task, payload)
         except psycopg.Error as exc:
             raise StepError(f"SQL execution failed: {str(exc).strip()}",
                             sqlstate=exc.sqlstate) from exc
+
+    async def _run_sql_outside(self, other: psycopg.AsyncConnection[Any], task: dict[str, Any],
+                               payload: dict[str, Any]) -> Any:
+        """A step on its own connection (closed afterwards), confined as in its own database.
+
+        Statements that cannot run in a transaction block cannot run inside a function
+        either: for roles that are not trusted (see `_enter_step`) only the maintenance
+        statements in `sql_step.OUTSIDE_STATEMENTS` run, under SET ROLE. They run user code
+        only as a table owner in a security-restricted operation, where SET ROLE is refused.
+        """
+        results = payload.get("results", {})
+        if task["kind"] == "sql_autocommit":
+            async with other.transaction():
+                step = await self._enter_step(other, task, own_database=False)
+            if step.function is not None and not sql_step.runs_outside(payload["query"]):
+                raise StepError(
+                    "SQL execution failed: this statement cannot run inside a transaction "
+                    "block, and for roles that are not superusers only "
+                    f"{sql_step.OUTSIDE_STATEMENTS_TEXT} run outside one")
+            await other.execute(
+                "SELECT set_config('df.instance_id', %s, false),"
+                " CASE WHEN %s::text IS DISTINCT FROM current_user"
+                "      THEN set_config('role', %s, false) END",
+                (task["instance_id"], task["role"], task["role"]))
+            return await sql_step.run_sql(other, payload["query"], results)
+        async with other.transaction():
+            step = await self._enter_step(other, task, own_database=False)
+            if step.function is None:
+                result = await sql_step.run_sql(other, payload["query"], results)
+            else:
+                result = await sql_step.run_sql_confined(other, payload["query"], results,
+                                                         step.function)
+            await other.execute(sql_step.CLEANUP)
+        return result
 
     # -- cancellation ----------------------------------------------------------------------
 
