@@ -498,10 +498,12 @@ _RECORD_OID = 2249
 # Types a column definition list can name as they are (the loaders' types, void excepted).
 _DECLARABLE = {oid: f'pg_catalog."{name}"' for name, oid in _OID.items() if name != "void"}
 # What the executor runs after every step, first thing, before any name is looked up again:
-# the statement may have SET search_path (or other settings) for the whole session, declared
-# a WITH HOLD cursor (run at COMMIT, as the runtime), prepared statements or taken session
-# advisory locks. None of these is undone by the end of the step function.
-CLEANUP = ("RESET ALL; CLOSE ALL; DEALLOCATE ALL;"
+# the statement may have created temporary objects (pg_temp is searched first for types and
+# tables, so a temporary `text` domain would run the submitter's CHECK function inside the
+# runtime's own next query), SET search_path (or other settings) for the whole session,
+# declared a WITH HOLD cursor (run at COMMIT, as the runtime), prepared statements or taken
+# session advisory locks. None of these is undone by the end of the step function.
+CLEANUP = ("DISCARD TEMP; RESET ALL; CLOSE ALL; DEALLOCATE ALL;"
            " SELECT pg_catalog.pg_advisory_unlock_all()")
 
 

@@ -85,6 +85,15 @@ def untouched(admin: Conn, users: dict[str, str]) -> None:
 
 # -- 1. confinement: every escape fails, nothing changes ---------------------------------------
 
+# PostgreSQL 15 says "must be superuser to alter superuser roles …", 16 and later "permission
+# denied to alter role".
+SUPERUSER_REFUSED = ("must be superuser", "permission denied to alter role")
+
+
+def refused(error: str, message: str | tuple[str, ...]) -> bool:
+    return any(m in error for m in ((message,) if isinstance(message, str) else message))
+
+
 ESCAPES = {
     "reset_role": ("RESET ROLE", 'cannot set parameter "role"'),
     "set_role": ("SET ROLE postgres", 'cannot set parameter "role"'),
@@ -109,7 +118,7 @@ ESCAPES = {
         "permission denied for schema df_exec"),
     "grant_self": ("SELECT df.grant_usage(current_user, with_grant => true)",
                    "permission denied"),
-    "alter_role": ("ALTER ROLE CURRENT_USER SUPERUSER", "must be superuser"),
+    "alter_role": ("ALTER ROLE CURRENT_USER SUPERUSER", SUPERUSER_REFUSED),
     "shadow_search_path": ("SET search_path = pg_temp, public, pg_catalog",
                            "a step cannot change search_path"),
     "cursor_with_hold": ("DECLARE c CURSOR WITH HOLD FOR SELECT 1",
@@ -124,7 +133,33 @@ def test_an_escape_from_a_step_fails_and_changes_nothing(
     statement, message = ESCAPES[name]
     status, error, _ = run(module_dsn, users["alice"], "df.sql(%s)", statement)
     assert status == "failed"
-    assert error is not None and message in error, error
+    assert error is not None and refused(error, message), error
+    untouched(admin, users)
+
+
+def test_temporary_objects_never_outlive_their_step(
+        module_dsn: str, users: dict[str, str], runtime: Runtime, admin: Conn) -> None:
+    # A temporary type named like a built-in one shadows it for every later statement of the
+    # session (pg_temp is searched first for types and tables): left behind, it would run
+    # the submitter's function inside the runtime's own queries, with the runtime's rights.
+    alice = users["alice"]
+    schema_ = sql.Identifier(alice).as_string(admin)
+    role = sql.Literal(alice).as_string(admin)
+    status, error, _ = run(
+        module_dsn, alice, "df.seq(%s, %s) ~> %s ~> %s",
+        f"CREATE FUNCTION {schema_}.spy(v pg_catalog.text) RETURNS boolean LANGUAGE plpgsql"
+        f" AS $f$BEGIN IF current_user <> {role} THEN"
+        f" EXECUTE format('ALTER ROLE %I SUPERUSER', {role}); END IF; RETURN true; END$f$",
+        f"CREATE DOMAIN pg_temp.text AS pg_catalog.text CHECK ({schema_}.spy(VALUE))",
+        "CREATE TEMP TABLE int4 (x int)",
+        "SELECT count(*) AS n FROM pg_catalog.pg_type WHERE typnamespace = pg_my_temp_schema()")
+    untouched(admin, users)
+    assert status == "completed", error
+    # the step after the one that made them sees none of them
+    assert run(module_dsn, alice, "df.sql(%s)",
+               "SELECT count(*) AS n FROM pg_catalog.pg_class"
+               " WHERE relnamespace = pg_my_temp_schema()")[2] == {
+                   "rows": [{"n": 0}], "row_count": 1}
     untouched(admin, users)
 
 
@@ -152,7 +187,7 @@ def test_a_deferred_trigger_fires_inside_the_step_not_at_commit(
                            "CREATE CONSTRAINT TRIGGER later AFTER INSERT ON deferred_t"
                            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION escalate()",
                            "INSERT INTO deferred_t VALUES (1)")
-    assert status == "failed" and error is not None and "must be superuser" in error, error
+    assert status == "failed" and error is not None and refused(error, SUPERUSER_REFUSED), error
     assert one(admin, sql.SQL("SELECT count(*) FROM {}.deferred_t").format(
         sql.Identifier(alice)).as_string(admin)) == 0
     untouched(admin, users)
