@@ -161,7 +161,7 @@ def test_a_loop_of_joins_keeps_a_constant_number_of_rows(db: Conn) -> None:
 # -- signals ----------------------------------------------------------------------------------
 
 def test_signal_sent_before_the_branches_exist_is_delivered(db: Conn) -> None:
-    i = start(db, "$$SELECT pg_sleep(0.5)$$ ~> (df.wait_for_signal('go') & $$SELECT 1 AS v$$)")
+    i = start(db, "$$SELECT pg_sleep(1)$$ ~> (df.wait_for_signal('go') & $$SELECT 1 AS v$$)")
     assert one(db, "SELECT df.signal(%s, 'go', '{\"early\": true}')", i) == "OK"
     assert wait(db, i) == "completed"
     assert result(db, i)[0] == {"signal_name": "go", "timed_out": False,
