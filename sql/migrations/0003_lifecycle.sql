@@ -846,13 +846,16 @@ BEGIN
     EXECUTE format('GRANT SELECT ON df.instances, df.nodes, df.settings TO %I', p_role);
     EXECUTE format('GRANT SELECT, INSERT ON df.commands TO %I', p_role);
     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON df.vars TO %I', p_role);
+    IF to_regclass('df.foreach_rows') IS NOT NULL THEN     -- 0009: rows a df.foreach stores
+        EXECUTE format('GRANT INSERT ON df.foreach_rows TO %I', p_role);
+    END IF;
     FOR f IN
         SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
         WHERE p.pronamespace = 'df'::regnamespace AND p.prorettype <> 'trigger'::regtype
           AND NOT p.proname = ANY (df._internal_functions())
           AND (NOT p.proname = ANY (df._admin_functions() || df._http_functions())
                OR (include_http AND p.proname = ANY (df._http_functions()))
-               OR with_grant)
+               OR (with_grant AND p.proname = ANY (df._admin_functions())))
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, p_role);
     END LOOP;

@@ -22,7 +22,21 @@ CREATE POLICY foreach_rows_own ON df.foreach_rows FOR INSERT
     WITH CHECK (EXISTS (SELECT 1 FROM df.instances i
                         WHERE i.id = instance_id AND i.status = 'running'
                           AND i.submitted_by = df._current_role()));
-GRANT INSERT ON df.foreach_rows TO PUBLIC;
+-- df.grant_usage grants INSERT (nothing goes to PUBLIC); roles granted before this migration:
+DO $$
+DECLARE
+    v_role oid;
+BEGIN
+    FOR v_role IN
+        SELECT DISTINCT a.grantee
+        FROM pg_catalog.pg_namespace n, LATERAL aclexplode(n.nspacl) a
+        WHERE n.nspname = 'df' AND a.privilege_type = 'USAGE'
+          AND a.grantee <> 0 AND a.grantee <> n.nspowner
+    LOOP
+        EXECUTE format('GRANT INSERT ON df.foreach_rows TO %s', v_role::regrole);
+    END LOOP;
+END
+$$;
 
 CREATE FUNCTION df._foreach(p_config jsonb, p_body text) RETURNS text
 LANGUAGE plpgsql STABLE AS $$

@@ -338,3 +338,21 @@ def test_graph_limits_are_settings(module_dsn: str, users: dict[str, str], admin
             a.execute(f"SELECT df.start({expr})")
     finally:
         admin.execute("UPDATE df.settings SET value = %s WHERE name = %s", (old, setting))
+
+
+def test_foreach_of_an_unprivileged_role_stores_its_rows_and_only_its_own(
+        module_dsn: str, users: dict[str, str], runtime: Runtime, admin: Conn) -> None:
+    status, error, res = run(module_dsn, users["alice"], "df.foreach_query(%s, 'r', %s, 2)",
+                             "SELECT g FROM generate_series(1, 3) g", "SELECT $r.g AS g")
+    assert status == "completed", error
+    assert [r["rows"][0]["g"] for r in res] == [1, 2, 3]
+    # bob may store rows for his own running instances only, never for alice's
+    with connect_as(module_dsn, users["alice"]) as a:
+        i = one(a, "SELECT df.start(df.wait_for_signal('hold', 60))")
+    try:
+        with connect_as(module_dsn, users["bob"]) as b, pytest.raises(
+                psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            b.execute("INSERT INTO df.foreach_rows VALUES (%s, '00000000', 1, 1, '{}')", (i,))
+    finally:
+        admin.execute("SELECT df.cancel(%s)", (i,))
+    untouched(admin, users)
