@@ -40,12 +40,21 @@ def needs_reconnect(exc: BaseException, conn: psycopg.AsyncConnection[Any] | Non
     return state.startswith(_RECONNECT_CLASSES) or isinstance(exc, psycopg.InterfaceError)
 
 
+PREPARE_THRESHOLD = 2        # executions of a statement before it is prepared
+
+
 async def connect(dsn: str, *, role: str, autocommit: bool = False,
-                  options: dict[str, str] | None = None) -> psycopg.AsyncConnection[Any]:
-    """Open a connection tagged with the runtime role (visible in pg_stat_activity)."""
+                  options: dict[str, str] | None = None,
+                  prepare: bool = False) -> psycopg.AsyncConnection[Any]:
+    """Open a connection tagged with the runtime role (visible in pg_stat_activity).
+
+    With `prepare`, statements run often are prepared on the server (parsed and planned
+    once). Only for connections that never run a user's statement: an executor's session
+    drops every prepared statement after each step (CLEANUP).
+    """
     conn = await psycopg.AsyncConnection.connect(
         dsn, autocommit=autocommit, application_name=f"durable-actor {role}",
-        prepare_threshold=None)
+        prepare_threshold=PREPARE_THRESHOLD if prepare else None)
     for name, value in (options or {}).items():
         await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
     if not autocommit:

@@ -56,8 +56,10 @@ or 503 answer that is a result carries its Retry-After too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -67,7 +69,7 @@ from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from durable_actor import db, metrics
+from durable_actor import actors, db, engine, metrics
 from durable_actor.config import Settings
 from durable_actor.errors import StepError
 from durable_actor.loop import Loop
@@ -75,10 +77,12 @@ from durable_actor.queries import q
 from durable_actor.steps import http as http_step
 from durable_actor.steps import sql as sql_step
 
+STEP_SAVEPOINT = "df_step"
 NON_TRANSACTIONAL = "25001"   # active_sql_transaction: "… cannot run inside a transaction block"
 QUERY_CANCELED = "57014"
 
 
+CLAIM_GROUP = 16             # tasks claimed together once a batch's first step has run
 TIMEOUT_SLACK = 0.05          # seconds: a cancel this close to the time-out is the time-out
 
 
@@ -91,6 +95,21 @@ def step_timeout(payload: dict[str, Any]) -> float | None:
 def timed_out(seconds: float) -> StepError:
     return StepError(f"SQL execution failed: statement timeout after {seconds:g}s",
                      sqlstate=QUERY_CANCELED)
+
+
+def _pipeline(conn: psycopg.AsyncConnection[Any]) -> Any:
+    """Send the statements of the block in one round trip where libpq can."""
+    if psycopg.AsyncPipeline.is_supported():
+        return conn.pipeline()
+    return contextlib.nullcontext()
+
+
+def _inline_task(instance: dict[str, Any], step: engine.RunStep) -> dict[str, Any]:
+    """A step run where its predecessor ran, shaped like a claimed task (it has no row)."""
+    return {"id": None, "instance_id": instance["id"], "node_id": step.node_id,
+            "activation": step.activation, "kind": step.kind, "database": instance["database"],
+            "role": instance["role"], "payload": orjson.loads(orjson.dumps(step.payload)),
+            "attempt": 1, "label": instance["label"]}
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,7 @@ class Outcome:
 class Executor(Loop):
     role = "executor"
     channels = ("df_tasks", "df_cancel")
+    prepares = False   # CLEANUP deallocates every prepared statement after each step
 
     def __init__(self, settings: Settings, dsn: str, *, index: int = 0, count: int = 1) -> None:
         super().__init__(settings, dsn, index=index)
@@ -123,6 +143,7 @@ class Executor(Loop):
         self.database: str | None = None
         self.http = http_step.HttpCaller()
         self.log = self.log.bind(executor=index)
+        self.actors = actors.Actors(settings, self.log)
 
     def connection_options(self) -> dict[str, str]:
         # Notice a dead runtime process during a long statement, so its locks go quickly.
@@ -149,48 +170,45 @@ class Executor(Loop):
             done: list[Outcome] = []
             shards = self.mine
             deadline = time.monotonic() + self.settings.batch_budget
-            # Claim one task at a time: a task is only locked once it is about to run, so a
-            # slow step never holds queued ones hostage; the commit is still shared.
+            ready: list[dict[str, Any]] = []
             while claimed < self.settings.executor_batch and time.monotonic() < deadline:
-                task = await self._claim_one(cur, shards, taken)
-                if task is None and shards is self.mine:
-                    shards = self.all_shards    # own shards are empty: steal
-                    task = await self._claim_one(cur, shards, taken)
-                if task is None:
-                    break
+                if not ready:
+                    # The first task alone: it may be slow, and tasks claimed with it would
+                    # wait for it. Later ones in groups; a slow one among them is cut short
+                    # (below), and claimed tasks left unrun go back with the commit.
+                    limit = min(CLAIM_GROUP if done else 1,
+                                self.settings.executor_batch - claimed)
+                    ready = await self._claim(cur, shards, taken, limit)
+                    if not ready and shards is self.mine:
+                        shards = self.all_shards    # own shards are empty: steal
+                        ready = await self._claim(cur, shards, taken, limit)
+                    if not ready:
+                        break
+                    taken.extend(t["id"] for t in ready)
+                task = ready.pop(0)
                 claimed += 1
-                taken.append(task["id"])
                 if self._runs_outside(task):
                     token = await self._lease(cur, task)
                     deferred.append((task, token))
                     continue
-                cut = None
-                if done:   # others wait for this commit: do not let a slow step hold them
-                    cut = asyncio.get_running_loop().call_later(
-                        self.settings.batch_budget, self._cut_batch)
-                try:
-                    outcome = await self._run_in_savepoint(conn, cur, task)
-                finally:
-                    if cut is not None:
-                        cut.cancel()
-                if self.batch_cut:
-                    self.batch_cut = False
-                    if self.cut_request is not None:
-                        await self.cut_request
-                        self.cut_request = None
-                    if outcome is None:
-                        break      # interrupted: it stays queued and runs on its own
+                outcome, cut = await self._run_step(conn, cur, task, others_wait=bool(done))
+                if cut:
+                    break      # interrupted: it stays queued and runs on its own
                 if outcome is not None:
                     done.append(outcome)
             if done:
+                mail, ran = await self._advance(conn, cur, done, deadline,
+                                                self.settings.executor_batch - claimed)
+                claimed += ran
                 await cur.execute(q("tasks_complete_many"), {
                     "task_ids": [o.task["id"] for o in done],
-                    "instance_ids": [o.task["instance_id"] for o in done],
-                    "node_ids": [o.task["node_id"] for o in done],
-                    "activations": [o.task["activation"] for o in done],
-                    "payloads": [o.payload for o in done],
+                    "instance_ids": [o.task["instance_id"] for o in mail],
+                    "node_ids": [o.task["node_id"] for o in mail],
+                    "activations": [o.task["activation"] for o in mail],
+                    "payloads": [o.payload for o in mail],
                 })
-                await cur.execute("SELECT pg_notify('df_mailbox', '')")
+                if mail:
+                    await cur.execute("SELECT pg_notify('df_mailbox', '')")
         await self._run_http_many(conn, [(t, tok) for t, tok in deferred if t["kind"] == "http"])
         for task, token in deferred:
             if task["kind"] != "http":
@@ -199,17 +217,111 @@ class Executor(Loop):
 
     # -- claiming ---------------------------------------------------------------------------
 
-    async def _claim_one(self, cur: psycopg.AsyncCursor[Any], shards: list[int],
-                         taken: list[int]) -> dict[str, Any] | None:
-        await cur.execute(q("tasks_claim_one"), {"shards": shards, "claimed": taken})
-        row: dict[str, Any] | None = await cur.fetchone()
-        return row
+    async def _claim(self, cur: psycopg.AsyncCursor[Any], shards: list[int],
+                     taken: list[int], limit: int) -> list[dict[str, Any]]:
+        await cur.execute(q("tasks_claim"), {"shards": shards, "claimed": taken,
+                                             "limit": limit})
+        return await cur.fetchall()
 
     def _runs_outside(self, task: dict[str, Any]) -> bool:
         return task["kind"] != "sql" or (
             task["database"] is not None and task["database"] != self.database)
 
+    # -- carrying instances on (the engine where the step ran) ---------------------------------
+
+    async def _advance(self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any],
+                       done: list[Outcome], deadline: float,
+                       steps_left: int) -> tuple[list[Outcome], int]:
+        """Apply the batch's finished steps to their instances here, in this transaction, and
+        run the SQL steps that follow at once; return the outcomes that go to the mailbox
+        instead, and how many steps ran here.
+
+        An instance is carried on when it can be locked at once (nobody else runs its actor)
+        and has no mail waiting (mail is older and goes first, through the dispatcher). Its
+        next steps in this database run here, each in its savepoint, while the batch's budget
+        lasts; what they decide is written with the same code as the dispatcher's
+        (``actors.py``). Everything commits together with the steps, so a crash redoes all of
+        it. A cancel (df._cancel_family locks the instance row) waits for this commit; an
+        instance cancelled before it is not running any more and is not locked here.
+        """
+        await cur.execute(q("instances_lock_quiet"),
+                          {"ids": sorted({o.task["instance_id"] for o in done})})
+        rows = {r["id"]: r for r in await cur.fetchall()}
+        mail = [o for o in done if o.task["instance_id"] not in rows]
+        if not rows:
+            return mail, 0
+        states = await actors.load(cur, list(rows.values()))
+        now: datetime = next(iter(rows.values()))["now"]
+        began = time.monotonic()
+        effects: list[tuple[str, engine.Effect]] = []
+        pending = [o for o in done if o.task["instance_id"] in rows]
+        ran = 0
+        while pending:
+            runnable: list[tuple[str, engine.RunStep]] = []
+            at = now + timedelta(seconds=time.monotonic() - began)
+            for o in pending:
+                iid = o.task["instance_id"]
+                msg = actors.message_from_row({
+                    "kind": "step", "payload": o.payload, "node_id": o.task["node_id"],
+                    "activation": o.task["activation"]}, at)
+                assert msg is not None
+                out = engine.transition(states[iid], msg)[1]
+                # Rows to drop go first: a step that stores rows again must follow the write.
+                drops = any(isinstance(e, engine.DropRows) for e in out)
+                for e in out:
+                    if isinstance(e, engine.RunStep) and not drops and \
+                            self._runs_here(e, rows[iid]):
+                        runnable.append((iid, e))
+                    else:
+                        effects.append((iid, e))
+            pending = []
+            for iid, e in runnable:
+                outcome = None
+                if steps_left > 0 and time.monotonic() < deadline:
+                    steps_left -= 1
+                    ran += 1
+                    outcome, cut = await self._run_step(
+                        conn, cur, _inline_task(rows[iid], e), others_wait=True)
+                    if cut:
+                        steps_left = 0           # the batch's time is up
+                if outcome is None:
+                    effects.append((iid, e))     # queued as a task after all
+                else:
+                    pending.append(outcome)
+        await self.actors.write(cur, states, effects, rows, now)
+        return mail, ran
+
+    def _runs_here(self, step: engine.RunStep, instance: dict[str, Any]) -> bool:
+        return step.kind == "sql" and instance["database"] in (None, self.database)
+
     # -- in-transaction steps (exactly once) ---------------------------------------------------
+
+    async def _run_step(self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any],
+                        task: dict[str, Any], *, others_wait: bool) -> tuple[Outcome | None, bool]:
+        """Run `task` in its savepoint; return its outcome (None: it runs again later) and
+        whether the batch was cut short.
+
+        When others wait for this batch's commit, a step that runs longer than
+        `batch_budget` is interrupted and rolled back to its savepoint, so that it does not
+        hold them; it runs again as the first step of a batch of its own.
+        """
+        cut = None
+        if others_wait:
+            cut = asyncio.get_running_loop().call_later(self.settings.batch_budget,
+                                                        self._cut_batch)
+        try:
+            outcome = await self._run_in_savepoint(conn, cur, task)
+        finally:
+            if cut is not None:
+                cut.cancel()
+        if not self.batch_cut:
+            return outcome, False
+        self.batch_cut = False
+        if self.cut_request is not None:
+            await self.cut_request
+            self.cut_request = None
+        return outcome, outcome is None
+
 
     async def _run_in_savepoint(self, conn: psycopg.AsyncConnection[Any],
                                 cur: psycopg.AsyncCursor[Any],
@@ -221,25 +333,25 @@ class Executor(Loop):
         metrics.step_started(task["kind"])
         try:
             try:
-                async with conn.transaction():
-                    step = await self._enter_step(conn, task)
-                    if timeout is not None:
-                        await conn.execute("SELECT set_config('statement_timeout', %s, true)",
-                                           (f"{max(1, round(timeout * 1000))}ms",))
-                    if step.function is None:
-                        result = await sql_step.run_sql(conn, payload["query"],
-                                                        payload.get("results", {}))
-                    else:
-                        result = await sql_step.run_sql_confined(
-                            conn, payload["query"], payload.get("results", {}), step.function)
-                    await self._cleanup(conn)       # RESET ALL: the time-out goes too
-                    await conn.execute("RESET ROLE")
-                    self._check_result_size(result, step.max_result_bytes)
+                # Three round trips: savepoint, role and limits; the statement; clean-up and
+                # release (docs/architecture.md, "exactly once").
+                step = await self._enter_step(conn, task, savepoint=True, timeout=timeout)
+                if step.function is None:
+                    result = await sql_step.run_sql(conn, payload["query"],
+                                                    payload.get("results", {}))
+                else:
+                    result = await sql_step.run_sql_confined(
+                        conn, payload["query"], payload.get("results", {}), step.function)
+                self._check_result_size(result, step.max_result_bytes)
+                # RESET ALL takes the time-out too; the role is not part of ALL.
+                await self._cleanup(conn, f"RESET ROLE; RELEASE SAVEPOINT {STEP_SAVEPOINT}")
             except BaseException:
-                # Rolled back to the savepoint; prepared statements, cursors WITH HOLD and
-                # session locks are not transactional.
-                if not conn.broken and not conn.closed and \
-                        conn.info.transaction_status == pq.TransactionStatus.INTRANS:
+                # Back to the savepoint; prepared statements, cursors WITH HOLD and session
+                # locks are not transactional.
+                if not conn.broken and not conn.closed and conn.info.transaction_status in (
+                        pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
+                    await conn.execute(f"ROLLBACK TO SAVEPOINT {STEP_SAVEPOINT};"
+                                       f" RELEASE SAVEPOINT {STEP_SAVEPOINT}")
                     await self._cleanup(conn)
                 raise
             return self._outcome(task, result=result, started=started)
@@ -251,7 +363,8 @@ class Executor(Loop):
             if exc.sqlstate == QUERY_CANCELED:
                 return self._cancelled(task, exc, started, timeout)
             if exc.sqlstate == NON_TRANSACTIONAL:
-                await cur.execute(q("task_mark_autocommit"), {"id": task["id"]})
+                if task["id"] is not None:    # a step run inline is queued, and marked then
+                    await cur.execute(q("task_mark_autocommit"), {"id": task["id"]})
                 return None
             return self._outcome(task, error=exc, started=started)
         finally:
@@ -276,31 +389,41 @@ class Executor(Loop):
         return self._outcome(task, error=exc, started=started)
 
     async def _enter_step(self, conn: psycopg.AsyncConnection[Any], task: dict[str, Any],
-                          *, own_database: bool = True) -> _Step:
+                          *, own_database: bool = True, savepoint: bool = False,
+                          timeout: float | None = None) -> _Step:
         """Take on the submitter's role; say how its statement must run (docs/security.md).
 
         A superuser submitter, or the runtime's own role, runs its statement directly under
         SET ROLE: there is nothing above it to escape to. Every other role's statement runs
         inside its step function, df_exec."step_<oid>", a SECURITY DEFINER function that role
         owns; the role stays set only so that parsing resolves names as the submitter.
+
+        One round trip (a pipeline): the step's savepoint when asked for, the look-up (as the
+        runtime), the role, the step's statement time-out.
         """
-        cur = await conn.execute(
-            "SELECT r.rolsuper OR r.rolname = current_user, r.oid,"
-            "       pg_catalog.to_regprocedure(pg_catalog.format("
-            "           'df_exec.%%I(text[], boolean)', 'step_' || r.oid))::pg_catalog.oid,"
-            + ("       df._setting('max_result_bytes')," if own_database else
-               "       NULL::text,") +
-            "       pg_catalog.set_config('df.instance_id', %s, true)"
-            " FROM pg_catalog.pg_roles r WHERE r.rolname = %s",
-            (task["instance_id"], task["role"]))
+        async with _pipeline(conn):
+            if savepoint:
+                await conn.execute(f"SAVEPOINT {STEP_SAVEPOINT}")
+            cur = await conn.execute(
+                "SELECT r.rolsuper OR r.rolname = current_user, r.oid,"
+                "       pg_catalog.to_regprocedure(pg_catalog.format("
+                "           'df_exec.%%I(text[], boolean)', 'step_' || r.oid))::pg_catalog.oid,"
+                + ("       df._setting('max_result_bytes')," if own_database else
+                   "       NULL::text,") +
+                "       pg_catalog.set_config('df.instance_id', %s, true)"
+                " FROM pg_catalog.pg_roles r WHERE r.rolname = %s",
+                (task["instance_id"], task["role"]))
+            await conn.execute(
+                "SELECT CASE WHEN %s::text IS DISTINCT FROM current_user"
+                "            THEN pg_catalog.set_config('role', %s, true) END",
+                (task["role"], task["role"]))
+            if timeout is not None:
+                await conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, true)",
+                                   (f"{max(1, round(timeout * 1000))}ms",))
         row = await cur.fetchone()
         if row is None:
             raise StepError(f'SQL execution failed: role "{task["role"]}" does not exist')
         trusted, role_oid, function_oid, max_bytes, _ = row
-        await conn.execute(
-            "SELECT CASE WHEN %s::text IS DISTINCT FROM current_user"
-            "            THEN pg_catalog.set_config('role', %s, true) END",
-            (task["role"], task["role"]))
         limit = int(max_bytes) if max_bytes else None
         if trusted:
             return _Step(None, limit)
@@ -310,14 +433,14 @@ class Executor(Loop):
                 f"administrator must run df.grant_usage('{task['role']}') again")
         return _Step(f'df_exec."step_{int(role_oid)}"', limit)
 
-    async def _cleanup(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _cleanup(self, conn: psycopg.AsyncConnection[Any], then: str = "") -> None:
         """Undo what a step may leave in the session, in one round trip: CLEANUP first (it
-        resets search_path), then this connection's own options again."""
+        resets search_path), then this connection's own options again, then `then`."""
         restore = "".join(
             f"; SELECT pg_catalog.set_config({pgsql.Literal(name).as_string(conn)},"
             f" {pgsql.Literal(value).as_string(conn)}, false)"
             for name, value in self.connection_options().items())
-        await conn.execute(sql_step.CLEANUP + restore)
+        await conn.execute(sql_step.CLEANUP + restore + (f"; {then}" if then else ""))
 
     @staticmethod
     def _check_result_size(result: Any, limit: int | None) -> None:

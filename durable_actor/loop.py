@@ -42,6 +42,7 @@ TICK_SECONDS = 1.0
 class Loop:
     role = "loop"
     channels: tuple[str, ...] = ()
+    prepares = True    # may its work connection keep prepared statements (db.connect)?
 
     def __init__(self, settings: Settings, dsn: str, *, index: int = 0) -> None:
         self.settings = settings
@@ -88,7 +89,8 @@ class Loop:
                 try:
                     if self.conn is None or self.conn.closed:
                         self.conn = await db.connect(self.dsn, role=self.role,
-                                                     options=self.connection_options())
+                                                     options=self.connection_options(),
+                                                     prepare=self.prepares)
                     handled = await self.work_once(self.conn)
                     backoff.reset()
                     self._looped()

@@ -59,3 +59,17 @@ WHERE i.id = u.id;
 INSERT INTO df.mailbox (instance_id, kind, node_id, activation, payload)
 SELECT * FROM unnest(%(instance_ids)s::text[], %(kinds)s::text[], %(node_ids)s::text[],
                      %(activations)s::bigint[], %(payloads)s::text[]);
+
+-- name: instances_lock_quiet
+-- An executor carries these instances on where their steps just ran: lock those nobody else
+-- runs right now and that have no mail waiting (mail goes first, through the dispatcher).
+SELECT i.id, i.root_node, i.status, i.label, i.vars, i.names, i.inbox, i.execution_count,
+       i.seq, i.parent_id, i.parent_node, i.parent_activation, i.branch_index, i.family_root,
+       i.waiters, i.database,
+       (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = i.submitted_by) AS role,
+       clock_timestamp() AS now
+FROM df.instances i
+WHERE i.id = ANY(%(ids)s::text[])
+  AND i.status = 'running'
+  AND NOT EXISTS (SELECT 1 FROM df.mailbox m WHERE m.instance_id = i.id)
+FOR UPDATE OF i SKIP LOCKED;

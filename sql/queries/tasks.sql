@@ -25,9 +25,9 @@ DELETE FROM df.timers tm
 USING d
 WHERE tm.instance_id = d.instance_id AND (d.node_id IS NULL OR tm.node_id = d.node_id);
 
--- name: tasks_claim_one
--- Claim the oldest runnable task of the given shards. The row lock is the claim: it lasts
--- until the executor's transaction ends, and a crash releases it.
+-- name: tasks_claim
+-- Claim the oldest %(limit)s runnable tasks of the given shards. The row lock is the claim:
+-- it lasts until the executor's transaction ends, and a crash releases it.
 SELECT t.id, t.instance_id, t.node_id, t.activation, t.kind, t.database,
        (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = t.submitted_by) AS role,
        t.payload, t.attempt, i.label
@@ -38,7 +38,7 @@ WHERE t.shard = ANY(%(shards)s::int[])
   AND (t.lease_until IS NULL OR t.lease_until < clock_timestamp())
   AND t.id <> ALL(%(claimed)s::bigint[])   -- our own locks do not make SKIP LOCKED skip
 ORDER BY t.id
-LIMIT 1
+LIMIT %(limit)s::int
 FOR UPDATE OF t SKIP LOCKED;
 
 -- name: tasks_complete_many

@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.helpers import result, start, until_sync, wait
+from tests.helpers import one, result, start, until_sync, wait
 
 
 def nodes(db: psycopg.Connection[Any], instance: str) -> list[dict[str, Any]]:
@@ -126,6 +126,34 @@ def test_cancel_interrupts_a_running_step(db: psycopg.Connection[Any]) -> None:
         " AND state = 'active'").fetchone(), timeout=5)
     # cancelling again changes nothing
     assert db.execute("SELECT df.status(%s)", (i,)).fetchone() == ("cancelled",)
+
+
+def test_the_next_step_runs_where_the_step_ran(db: psycopg.Connection[Any]) -> None:
+    # The executor carries the instance on in the transaction of the step that finished:
+    # no hop through the dispatcher, one commit for both.
+    i = start(db, "$$SELECT txid_current() AS t$$ |=> 'a'"
+                  " ~> $$SELECT $a.t AS first, txid_current() AS t$$")
+    assert wait(db, i) == "completed"
+    row = result(db, i)["rows"][0]
+    assert row["first"] == row["t"]
+
+
+def test_cancel_stops_a_chain_of_steps_and_ends_cancelled(db: psycopg.Connection[Any]) -> None:
+    db.execute("CREATE TABLE IF NOT EXISTS chain_ticks (n int)")
+    i = start(db, " ~> ".join(["$$INSERT INTO chain_ticks SELECT 1 FROM pg_sleep(0.02)$$"] * 200))
+    until_sync(lambda: one(db, "SELECT count(*) >= 30 FROM chain_ticks"))
+    assert db.execute("SELECT df.cancel(%s)", (i,)).fetchone() == (
+        f"Instance {i} cancelled: Cancelled by user",)
+    assert wait(db, i) == "cancelled"
+    until_sync(lambda: not db.execute("SELECT 1 FROM df.tasks WHERE instance_id = %s",
+                                      (i,)).fetchone())
+    ticks = one(db, "SELECT count(*) FROM chain_ticks")
+    assert wait(db, start(db, "$$SELECT 1$$ ~> $$SELECT 2$$")) == "completed"
+    assert one(db, "SELECT count(*) FROM chain_ticks") == ticks
+    assert one(db, "SELECT df.status(%s)", i) == "cancelled"
+    # the step the cancel interrupted failed as cancelled, not with its own error
+    assert not db.execute("SELECT 1 FROM df.nodes WHERE instance_id = %s AND status = 'failed'"
+                          " AND error NOT LIKE 'Cancelled: %%'", (i,)).fetchone()
 
 
 def test_variables_are_snapshotted_at_start(db: psycopg.Connection[Any]) -> None:
