@@ -165,6 +165,7 @@ class Executor(Loop):
             self.database = str(row[0]) if row else ""
         deferred: list[tuple[dict[str, Any], int]] = []
         taken: list[int] = []
+        stale: list[int] = []
         claimed = 0
         async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
             done: list[Outcome] = []
@@ -179,13 +180,16 @@ class Executor(Loop):
                     limit = min(CLAIM_GROUP if done else 1,
                                 self.settings.executor_batch - claimed)
                     ready = await self._claim(cur, shards, taken, limit)
-                    if not ready and shards is self.mine:
+                    if not ready and shards is self.mine and not done:
                         shards = self.all_shards    # own shards are empty: steal
                         ready = await self._claim(cur, shards, taken, limit)
                     if not ready:
                         break
                     taken.extend(t["id"] for t in ready)
                 task = ready.pop(0)
+                if task["instance_status"] != "running":
+                    stale.append(task["id"])     # cancelled or ended: nobody waits for it
+                    continue
                 claimed += 1
                 if self._runs_outside(task):
                     token = await self._lease(cur, task)
@@ -196,12 +200,12 @@ class Executor(Loop):
                     break      # interrupted: it stays queued and runs on its own
                 if outcome is not None:
                     done.append(outcome)
-            if done:
+            if done or stale:
                 mail, ran = await self._advance(conn, cur, done, deadline,
                                                 self.settings.executor_batch - claimed)
                 claimed += ran
                 await cur.execute(q("tasks_complete_many"), {
-                    "task_ids": [o.task["id"] for o in done],
+                    "task_ids": [o.task["id"] for o in done] + stale,
                     "instance_ids": [o.task["instance_id"] for o in mail],
                     "node_ids": [o.task["node_id"] for o in mail],
                     "activations": [o.task["activation"] for o in mail],
@@ -213,7 +217,7 @@ class Executor(Loop):
         for task, token in deferred:
             if task["kind"] != "http":
                 await self._run_leased(conn, task, token)
-        return claimed
+        return claimed + len(stale)
 
     # -- claiming ---------------------------------------------------------------------------
 
@@ -244,6 +248,8 @@ class Executor(Loop):
         it. A cancel (df._cancel_family locks the instance row) waits for this commit; an
         instance cancelled before it is not running any more and is not locked here.
         """
+        if not done:
+            return [], 0
         await cur.execute(q("instances_lock_quiet"),
                           {"ids": sorted({o.task["instance_id"] for o in done})})
         rows = {r["id"]: r for r in await cur.fetchall()}

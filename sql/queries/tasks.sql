@@ -26,15 +26,19 @@ USING d
 WHERE tm.instance_id = d.instance_id AND (d.node_id IS NULL OR tm.node_id = d.node_id);
 
 -- name: tasks_claim
--- Claim the oldest %(limit)s runnable tasks of the given shards. The row lock is the claim:
--- it lasts until the executor's transaction ends, and a crash releases it.
+-- Claim the oldest %(limit)s tasks of the given shards. The row lock is the claim: it lasts
+-- until the executor's transaction ends, and a crash releases it. The primary key gives the
+-- order and the scan stops at the limit; nothing else in WHERE, so that the planner, whose
+-- statistics lag a fast-moving queue, cannot prefer reading and sorting every task. The
+-- instance's status comes with each task: a task of an instance that is no longer running
+-- is removed unrun (Executor.work_once).
 SELECT t.id, t.instance_id, t.node_id, t.activation, t.kind, t.database,
        (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = t.submitted_by) AS role,
-       t.payload, t.attempt, i.label
+       t.payload, t.attempt,
+       (SELECT i.label FROM df.instances i WHERE i.id = t.instance_id) AS label,
+       (SELECT i.status FROM df.instances i WHERE i.id = t.instance_id) AS instance_status
 FROM df.tasks t
-JOIN df.instances i ON i.id = t.instance_id
 WHERE t.shard = ANY(%(shards)s::int[])
-  AND i.status = 'running'                 -- a cancelled instance runs no further step
   AND (t.lease_until IS NULL OR t.lease_until < clock_timestamp())
   AND t.id <> ALL(%(claimed)s::bigint[])   -- our own locks do not make SKIP LOCKED skip
 ORDER BY t.id
