@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from collections.abc import Iterable
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import psycopg
 import structlog
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 log = structlog.get_logger()
 
@@ -48,18 +50,20 @@ async def connect(dsn: str, *, role: str, autocommit: bool = False,
                   prepare: bool = False) -> psycopg.AsyncConnection[Any]:
     """Open a connection tagged with the runtime role (visible in pg_stat_activity).
 
+    `options` are settings sent at connection start (libpq ``options``, after the DSN's own
+    or PGOPTIONS), so they are the session's defaults: RESET ALL returns to them.
+
     With `prepare`, statements run often are prepared on the server (parsed and planned
     once). Only for connections that never run a user's statement: an executor's session
     drops every prepared statement after each step (CLEANUP).
     """
-    conn = await psycopg.AsyncConnection.connect(
+    if options:
+        given = conninfo_to_dict(dsn).get("options") or os.environ.get("PGOPTIONS") or ""
+        dsn = make_conninfo(dsn, options=" ".join(
+            [str(given), *(f"-c {name}={value}" for name, value in options.items())]).strip())
+    return await psycopg.AsyncConnection.connect(
         dsn, autocommit=autocommit, application_name=f"durable-actor {role}",
         prepare_threshold=PREPARE_THRESHOLD if prepare else None)
-    for name, value in (options or {}).items():
-        await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
-    if not autocommit:
-        await conn.commit()
-    return conn
 
 
 class Backoff:

@@ -65,7 +65,6 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg import pq
-from psycopg import sql as pgsql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
@@ -142,6 +141,7 @@ class Executor(Loop):
         self.cut_request: asyncio.Task[None] | None = None
         self.database: str | None = None
         self.http = http_step.HttpCaller()
+        self.roles: dict[tuple[str, bool], tuple[Any, ...]] = {}   # _enter_step, per batch
         self.log = self.log.bind(executor=index)
         self.actors = actors.Actors(settings, self.log)
 
@@ -166,6 +166,7 @@ class Executor(Loop):
         deferred: list[tuple[dict[str, Any], int]] = []
         taken: list[int] = []
         stale: list[int] = []
+        self.roles.clear()
         claimed = 0
         async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
             done: list[Outcome] = []
@@ -405,31 +406,23 @@ class Executor(Loop):
         owns; the role stays set only so that parsing resolves names as the submitter.
 
         One round trip (a pipeline): the step's savepoint when asked for, the look-up (as the
-        runtime), the role, the step's statement time-out.
+        runtime; once per role and batch, `self.roles`), the role, the step's statement
+        time-out.
         """
-        async with _pipeline(conn):
-            if savepoint:
-                await conn.execute(f"SAVEPOINT {STEP_SAVEPOINT}")
-            cur = await conn.execute(
-                "SELECT r.rolsuper OR r.rolname = current_user, r.oid,"
-                "       pg_catalog.to_regprocedure(pg_catalog.format("
-                "           'df_exec.%%I(text[], boolean)', 'step_' || r.oid))::pg_catalog.oid,"
-                + ("       df._setting('max_result_bytes')," if own_database else
-                   "       NULL::text,") +
-                "       pg_catalog.set_config('df.instance_id', %s, true)"
-                " FROM pg_catalog.pg_roles r WHERE r.rolname = %s",
-                (task["instance_id"], task["role"]))
-            await conn.execute(
-                "SELECT CASE WHEN %s::text IS DISTINCT FROM current_user"
-                "            THEN pg_catalog.set_config('role', %s, true) END",
-                (task["role"], task["role"]))
-            if timeout is not None:
-                await conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, true)",
-                                   (f"{max(1, round(timeout * 1000))}ms",))
-        row = await cur.fetchone()
-        if row is None:
-            raise StepError(f'SQL execution failed: role "{task["role"]}" does not exist')
-        trusted, role_oid, function_oid, max_bytes, _ = row
+        key = (task["role"], own_database)
+        known = self.roles.get(key)
+        try:
+            cur = await self._enter_pipeline(conn, task, known is None, own_database,
+                                             savepoint, timeout)
+        except psycopg.errors.InvalidParameterValue as exc:   # SET ROLE to a dropped role
+            raise StepError(
+                f'SQL execution failed: role "{task["role"]}" does not exist') from exc
+        if known is None:
+            row = await cur.fetchone()
+            if row is None:
+                raise StepError(f'SQL execution failed: role "{task["role"]}" does not exist')
+            known = self.roles[key] = tuple(row)
+        trusted, role_oid, function_oid, max_bytes = known
         limit = int(max_bytes) if max_bytes else None
         if trusted:
             return _Step(None, limit)
@@ -439,14 +432,37 @@ class Executor(Loop):
                 f"administrator must run df.grant_usage('{task['role']}') again")
         return _Step(f'df_exec."step_{int(role_oid)}"', limit)
 
+    @staticmethod
+    async def _enter_pipeline(conn: psycopg.AsyncConnection[Any], task: dict[str, Any],
+                              look_up: bool, own_database: bool, savepoint: bool,
+                              timeout: float | None) -> Any:
+        """_enter_step's round trip; the look-up's cursor (None without a look-up)."""
+        cur = None
+        async with _pipeline(conn):
+            if savepoint:
+                await conn.execute(f"SAVEPOINT {STEP_SAVEPOINT}")
+            if look_up:
+                cur = await conn.execute(
+                    "SELECT r.rolsuper OR r.rolname = current_user, r.oid,"
+                    "       pg_catalog.to_regprocedure(pg_catalog.format("
+                    "           'df_exec.%%I(text[], boolean)', 'step_' || r.oid))::pg_catalog.oid,"
+                    + ("       df._setting('max_result_bytes')" if own_database else
+                       "       NULL::text") +
+                    " FROM pg_catalog.pg_roles r WHERE r.rolname = %s", (task["role"],))
+            await conn.execute(
+                "SELECT pg_catalog.set_config('df.instance_id', %s, true),"
+                "       CASE WHEN %s::text IS DISTINCT FROM current_user"
+                "            THEN pg_catalog.set_config('role', %s, true) END",
+                (task["instance_id"], task["role"], task["role"]))
+            if timeout is not None:
+                await conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, true)",
+                                   (f"{max(1, round(timeout * 1000))}ms",))
+        return cur
+
     async def _cleanup(self, conn: psycopg.AsyncConnection[Any], then: str = "") -> None:
-        """Undo what a step may leave in the session, in one round trip: CLEANUP first (it
-        resets search_path), then this connection's own options again, then `then`."""
-        restore = "".join(
-            f"; SELECT pg_catalog.set_config({pgsql.Literal(name).as_string(conn)},"
-            f" {pgsql.Literal(value).as_string(conn)}, false)"
-            for name, value in self.connection_options().items())
-        await conn.execute(sql_step.CLEANUP + restore + (f"; {then}" if then else ""))
+        """Undo what a step may leave in the session, in one round trip (RESET ALL returns to
+        the connection's own options, given at connection start), then run `then`."""
+        await conn.execute(sql_step.CLEANUP + (f"; {then}" if then else ""))
 
     @staticmethod
     def _check_result_size(result: Any, limit: int | None) -> None:

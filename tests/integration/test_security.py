@@ -240,6 +240,23 @@ def test_a_role_without_its_step_function_cannot_run_steps(
             admin.execute("SELECT df.grant_usage(%s)", (bob,))
 
 
+def test_a_step_of_a_dropped_role_fails_and_runs_as_nobody_else(
+        module_dsn: str, runtime: Runtime, admin: Conn) -> None:
+    name = f"gone {uuid.uuid4().hex[:8]}"
+    admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+    admin.execute("SELECT df.grant_usage(%s)", (name,))
+    with connect_as(module_dsn, name) as c:
+        i = one(c, "SELECT df.start(df.seq(df.sleep(1),"
+                   " 'INSERT INTO public.canary VALUES (current_user)'))")
+    admin.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(name)))
+    admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+    assert one(admin, "SELECT df.await_instance(%s, 30)", i) == "failed"
+    assert "does not exist" in one(
+        admin, "SELECT string_agg(error, '') FROM df.nodes WHERE instance_id = %s"
+               " AND node_type = 'SQL'", i)
+    assert one(admin, "SELECT string_agg(v, ',') FROM public.canary") == "intact"
+
+
 def test_vacuum_runs_outside_a_transaction_but_other_statements_do_not(
         module_dsn: str, users: dict[str, str], runtime: Runtime, admin: Conn) -> None:
     alice = users["alice"]
