@@ -42,6 +42,14 @@ def needs_reconnect(exc: BaseException, conn: psycopg.AsyncConnection[Any] | Non
     return state.startswith(_RECONNECT_CLASSES) or isinstance(exc, psycopg.InterfaceError)
 
 
+def pipeline(conn: psycopg.AsyncConnection[Any]) -> Any:
+    """Send the statements of the block without waiting for each answer, where libpq can
+    (a fetch inside the block waits for what came before it)."""
+    if psycopg.AsyncPipeline.is_supported():
+        return conn.pipeline()
+    return contextlib.nullcontext()
+
+
 PREPARE_THRESHOLD = 2        # executions of a statement before it is prepared
 
 

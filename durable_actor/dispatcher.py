@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from durable_actor import actors, engine
+from durable_actor import actors, db, engine
 from durable_actor.config import Settings
 from durable_actor.loop import Loop
 from durable_actor.queries import q
@@ -37,10 +37,11 @@ class Dispatcher(Loop):
             claimed = await cur.fetchall()
             if not claimed:
                 return 0
-            ids = [r["id"] for r in claimed]
-            await cur.execute(q("mailbox_take_many"), {"ids": ids})
-            mail = sorted(await cur.fetchall(), key=lambda r: r["id"])
-            states = await actors.load(cur, claimed)
+            async with db.pipeline(conn):    # the mail and the nodes in one round trip
+                take = conn.cursor(row_factory=dict_row)
+                await take.execute(q("mailbox_take_many"), {"ids": [r["id"] for r in claimed]})
+                states = await actors.load(cur, claimed)
+            mail = sorted(await take.fetchall(), key=lambda r: r["id"])
             effects: list[tuple[str, engine.Effect]] = []
             now: datetime = claimed[0]["now"]
             for row in mail:

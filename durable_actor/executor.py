@@ -56,7 +56,6 @@ or 503 answer that is a result carries its Retry-After too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -94,13 +93,6 @@ def step_timeout(payload: dict[str, Any]) -> float | None:
 def timed_out(seconds: float) -> StepError:
     return StepError(f"SQL execution failed: statement timeout after {seconds:g}s",
                      sqlstate=QUERY_CANCELED)
-
-
-def _pipeline(conn: psycopg.AsyncConnection[Any]) -> Any:
-    """Send the statements of the block in one round trip where libpq can."""
-    if psycopg.AsyncPipeline.is_supported():
-        return conn.pipeline()
-    return contextlib.nullcontext()
 
 
 def _inline_task(instance: dict[str, Any], step: engine.RunStep) -> dict[str, Any]:
@@ -438,7 +430,7 @@ class Executor(Loop):
                               timeout: float | None) -> Any:
         """_enter_step's round trip; the look-up's cursor (None without a look-up)."""
         cur = None
-        async with _pipeline(conn):
+        async with db.pipeline(conn):
             if savepoint:
                 await conn.execute(f"SAVEPOINT {STEP_SAVEPOINT}")
             if look_up:
