@@ -76,8 +76,14 @@ async def load(cur: psycopg.AsyncCursor[Any],
                rows: list[dict[str, Any]]) -> dict[str, engine.InstanceState]:
     """The engine state of these locked instance rows (instances_claim_with_mail's columns)."""
     await cur.execute(q("nodes_load_many"), {"ids": [r["id"] for r in rows]})
+    return states(rows, await cur.fetchall())
+
+
+def states(rows: list[dict[str, Any]],
+           node_rows: list[dict[str, Any]]) -> dict[str, engine.InstanceState]:
+    """The engine state of these instance rows from their nodes (others' nodes are ignored)."""
     graphs: dict[str, Graph] = defaultdict(Graph)
-    for row in await cur.fetchall():
+    for row in node_rows:
         graphs[row["instance_id"]].nodes[row["id"]] = node_from_row(row)
     return {r["id"]: _state_from_row(r, graphs[r["id"]]) for r in rows}
 

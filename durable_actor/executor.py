@@ -243,13 +243,16 @@ class Executor(Loop):
         """
         if not done:
             return [], 0
-        await cur.execute(q("instances_lock_quiet"),
-                          {"ids": sorted({o.task["instance_id"] for o in done})})
+        ids = sorted({o.task["instance_id"] for o in done})
+        async with db.pipeline(conn):     # the locks and the nodes in one round trip
+            await cur.execute(q("instances_lock_quiet"), {"ids": ids})
+            nodes = conn.cursor(row_factory=dict_row)
+            await nodes.execute(q("nodes_load_many"), {"ids": ids})
         rows = {r["id"]: r for r in await cur.fetchall()}
         mail = [o for o in done if o.task["instance_id"] not in rows]
         if not rows:
             return mail, 0
-        states = await actors.load(cur, list(rows.values()))
+        states = actors.states(list(rows.values()), await nodes.fetchall())
         now: datetime = next(iter(rows.values()))["now"]
         began = time.monotonic()
         effects: list[tuple[str, engine.Effect]] = []
