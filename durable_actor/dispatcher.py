@@ -31,7 +31,9 @@ class Dispatcher(Loop):
         self.actors = actors.Actors(settings, self.log)
 
     async def work_once(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        # In a pipeline: BEGIN goes with the claim, COMMIT with the last writes.
+        async with db.pipeline(conn), conn.transaction(), \
+                conn.cursor(row_factory=dict_row) as cur:
             limit = self.settings.dispatcher_batch
             await cur.execute(q("instances_claim_with_mail"), {"limit": limit, "scan": limit * 2})
             claimed = await cur.fetchall()

@@ -58,7 +58,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -194,18 +194,8 @@ class Executor(Loop):
                 if outcome is not None:
                     done.append(outcome)
             if done or stale:
-                mail, ran = await self._advance(conn, cur, done, deadline,
-                                                self.settings.executor_batch - claimed)
-                claimed += ran
-                await cur.execute(q("tasks_complete_many"), {
-                    "task_ids": [o.task["id"] for o in done] + stale,
-                    "instance_ids": [o.task["instance_id"] for o in mail],
-                    "node_ids": [o.task["node_id"] for o in mail],
-                    "activations": [o.task["activation"] for o in mail],
-                    "payloads": [o.payload for o in mail],
-                })
-                if mail:
-                    await cur.execute("SELECT pg_notify('df_mailbox', '')")
+                claimed += await self._advance(conn, cur, done, stale, deadline,
+                                               self.settings.executor_batch - claimed)
         await self._run_http_many(conn, [(t, tok) for t, tok in deferred if t["kind"] == "http"])
         for task, token in deferred:
             if task["kind"] != "http":
@@ -227,11 +217,11 @@ class Executor(Loop):
     # -- carrying instances on (the engine where the step ran) ---------------------------------
 
     async def _advance(self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any],
-                       done: list[Outcome], deadline: float,
-                       steps_left: int) -> tuple[list[Outcome], int]:
+                       done: list[Outcome], stale: list[int], deadline: float,
+                       steps_left: int) -> int:
         """Apply the batch's finished steps to their instances here, in this transaction, and
-        run the SQL steps that follow at once; return the outcomes that go to the mailbox
-        instead, and how many steps ran here.
+        run the SQL steps that follow at once; post the other outcomes to the mailbox; remove
+        the finished (and the `stale`) tasks. Returns how many steps ran here.
 
         An instance is carried on when it can be locked at once (nobody else runs its actor)
         and has no mail waiting (mail is older and goes first, through the dispatcher). Its
@@ -241,8 +231,6 @@ class Executor(Loop):
         it. A cancel (df._cancel_family locks the instance row) waits for this commit; an
         instance cancelled before it is not running any more and is not locked here.
         """
-        if not done:
-            return [], 0
         ids = sorted({o.task["instance_id"] for o in done})
         async with db.pipeline(conn):     # the locks and the nodes in one round trip
             await cur.execute(q("instances_lock_quiet"), {"ids": ids})
@@ -250,10 +238,9 @@ class Executor(Loop):
             await nodes.execute(q("nodes_load_many"), {"ids": ids})
         rows = {r["id"]: r for r in await cur.fetchall()}
         mail = [o for o in done if o.task["instance_id"] not in rows]
-        if not rows:
-            return mail, 0
         states = actors.states(list(rows.values()), await nodes.fetchall())
-        now: datetime = next(iter(rows.values()))["now"]
+        # the database's clock, read when the instances were locked (none locked: unused)
+        now: datetime = next(iter(rows.values()))["now"] if rows else datetime.now(UTC)
         began = time.monotonic()
         effects: list[tuple[str, engine.Effect]] = []
         pending = [o for o in done if o.task["instance_id"] in rows]
@@ -290,8 +277,19 @@ class Executor(Loop):
                     effects.append((iid, e))     # queued as a task after all
                 else:
                     pending.append(outcome)
-        await self.actors.write(cur, states, effects, rows, now)
-        return mail, ran
+        async with db.pipeline(conn):     # every write of the batch in one round trip
+            if rows:
+                await self.actors.write(cur, states, effects, rows, now)
+            await cur.execute(q("tasks_complete_many"), {
+                "task_ids": [o.task["id"] for o in done] + stale,
+                "instance_ids": [o.task["instance_id"] for o in mail],
+                "node_ids": [o.task["node_id"] for o in mail],
+                "activations": [o.task["activation"] for o in mail],
+                "payloads": [o.payload for o in mail],
+            })
+            if mail:
+                await cur.execute("SELECT pg_notify('df_mailbox', '')")
+        return ran
 
     def _runs_here(self, step: engine.RunStep, instance: dict[str, Any]) -> bool:
         return step.kind == "sql" and instance["database"] in (None, self.database)
