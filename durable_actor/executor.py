@@ -3,16 +3,26 @@
 Exactly once for SQL in the instance's own database
 -------------------------------------------------
 One transaction per batch: claim a task (FOR UPDATE SKIP LOCKED: the row lock is the claim),
-run it in a savepoint, claim the next …, then delete the finished tasks and post their outcomes
-to the mailbox, and commit. The step's own writes, the removal of its task and its completion
-commit together: a crash before the commit leaves no trace (the lock goes with the session and
-the task is claimed again); after the commit the task is gone. Many steps share one commit,
-which is what makes this faster than a commit per step. A batch stops claiming after
-`batch_budget` seconds or `executor_batch` tasks. Tasks are claimed one by one, just before
-they run, so a slow step never holds queued tasks. Nor does it hold back the steps that ran
-before it in its batch: a step that is not the batch's first and runs longer than
-`batch_budget` is interrupted and rolled back to its savepoint, the batch commits, and the step
-runs again as the first of a batch of its own, where it may take as long as it needs.
+run it in a savepoint, claim the next …, then carry the instances on (below), delete the
+finished tasks, post the other outcomes to the mailbox, and commit. The step's own writes, the
+removal of its task and its completion commit together: a crash before the commit leaves no
+trace (the lock goes with the session and the task is claimed again); after the commit the
+task is gone. Many steps share one commit, which is what makes this faster than a commit per
+step. A batch stops claiming after `batch_budget` seconds or `executor_batch` steps. Its first
+task is claimed alone, so that a slow step holds no queued task; later ones in groups of
+`CLAIM_GROUP` (tasks claimed and left unrun go back with the commit). Nor does a slow step hold
+back the steps that ran before it in its batch: a step that is not the batch's first and runs
+longer than `batch_budget` is interrupted and rolled back to its savepoint, the batch commits,
+and the step runs again as the first of a batch of its own, where it may take as long as it
+needs.
+
+Carrying instances on
+---------------------
+The finished steps' instances that have no mail waiting and that nobody else runs are locked
+(SKIP LOCKED) and their outcomes applied here with the engine (``_advance``); the SQL steps that
+follow in this database run at once, each in its savepoint, while the batch's budget lasts,
+and what the engine decided is written with the dispatcher's code (``actors.py``). These steps
+have no task row: they, the new state and the first step commit together or not at all.
 
 At least once for everything else
 ---------------------------------
