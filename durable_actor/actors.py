@@ -25,7 +25,7 @@ import orjson
 import psycopg
 import structlog
 
-from durable_actor import db, engine
+from durable_actor import engine
 from durable_actor.config import Settings
 from durable_actor.graph import Graph, node_from_row
 from durable_actor.queries import q
@@ -99,11 +99,10 @@ class Actors:
     async def write(self, cur: psycopg.AsyncCursor[Any], states: dict[str, engine.InstanceState],
                     effects: list[tuple[str, engine.Effect]], rows: dict[str, dict[str, Any]],
                     now: datetime) -> None:
-        """Answer the join collections, then persist states and effects (one round trip
-        where nothing needs an answer)."""
-        async with db.pipeline(cur.connection):
-            await self._collect_joins(cur, states, effects, now)
-            await self._persist(cur, list(states.values()), effects, rows)
+        """Answer the join collections, then persist states and effects. Callers run it in a
+        pipeline (db.pipeline), so writes that need no answer share one round trip."""
+        await self._collect_joins(cur, states, effects, now)
+        await self._persist(cur, list(states.values()), effects, rows)
 
     async def _collect_joins(self, cur: psycopg.AsyncCursor[Any],
                              states: dict[str, engine.InstanceState],

@@ -39,10 +39,9 @@ class Dispatcher(Loop):
             claimed = await cur.fetchall()
             if not claimed:
                 return 0
-            async with db.pipeline(conn):    # the mail and the nodes in one round trip
-                take = conn.cursor(row_factory=dict_row)
-                await take.execute(q("mailbox_take_many"), {"ids": [r["id"] for r in claimed]})
-                states = await actors.load(cur, claimed)
+            take = conn.cursor(row_factory=dict_row)    # the mail and the nodes: one round trip
+            await take.execute(q("mailbox_take_many"), {"ids": [r["id"] for r in claimed]})
+            states = await actors.load(cur, claimed)
             mail = sorted(await take.fetchall(), key=lambda r: r["id"])
             effects: list[tuple[str, engine.Effect]] = []
             now: datetime = claimed[0]["now"]
