@@ -90,6 +90,12 @@ NON_TRANSACTIONAL = "25001"   # active_sql_transaction: "… cannot run inside a
 QUERY_CANCELED = "57014"
 
 
+# What a step that succeeded leaves to do on the connection: undo what it may have left in the
+# session, take the runtime's role back, keep its writes. Sent with the runtime's next
+# statement (Executor._round_trip).
+EPILOGUE = f"{sql_step.CLEANUP}; RESET ROLE; RELEASE SAVEPOINT {STEP_SAVEPOINT}"
+
+
 CLAIM_GROUP = 16             # tasks claimed together once a batch's first step has run
 TIMEOUT_SLACK = 0.05          # seconds: a cancel this close to the time-out is the time-out
 
@@ -111,6 +117,17 @@ def _inline_task(instance: dict[str, Any], step: engine.RunStep) -> dict[str, An
             "activation": step.activation, "kind": step.kind, "database": instance["database"],
             "role": instance["role"], "payload": orjson.loads(orjson.dumps(step.payload)),
             "attempt": 1, "label": instance["label"]}
+
+
+class _Redo(Exception):
+    """A round trip that carried a step's EPILOGUE failed: whether that step's savepoint was
+    released is unknown, so the whole batch is rolled back and runs again."""
+
+
+def _literal(conn: psycopg.AsyncConnection[Any], query: str, params: Any) -> str:
+    """`query` with `params` as correctly quoted literals, to go in a multi-statement round
+    trip (which cannot take parameters). Values never come from a step's statement text."""
+    return psycopg.AsyncClientCursor(conn).mogrify(query, params).rstrip().rstrip(";")
 
 
 @dataclass(frozen=True)
@@ -144,6 +161,7 @@ class Executor(Loop):
         self.database: str | None = None
         self.http = http_step.HttpCaller()
         self.roles: dict[tuple[str, bool], tuple[Any, ...]] = {}   # _enter_step, per batch
+        self.owed = False    # the last step's EPILOGUE is still to be sent (_round_trip)
         self.log = self.log.bind(executor=index)
         self.actors = actors.Actors(settings, self.log)
 
@@ -169,6 +187,30 @@ class Executor(Loop):
         taken: list[int] = []
         stale: list[int] = []
         self.roles.clear()
+        self.owed = False
+        claimed = 0
+        try:
+            claimed = await self._batch(conn, deferred, taken, stale)
+        except _Redo as exc:
+            cause = exc.__cause__
+            if isinstance(cause, psycopg.Error) and db.needs_reconnect(cause, conn):
+                raise cause from exc
+            self.log.warning("batch_redone", error=str(cause).strip())
+            async with conn.transaction():     # the rollback kept what is not transactional
+                await self._cleanup(conn)
+            return 1
+        await self._run_http_many(conn, [(t, tok) for t, tok in deferred if t["kind"] == "http"])
+        for task, token in deferred:
+            if task["kind"] != "http":
+                await self._run_leased(conn, task, token)
+        return claimed + len(stale)
+
+    async def _batch(self, conn: psycopg.AsyncConnection[Any],
+                     deferred: list[tuple[dict[str, Any], int]], taken: list[int],
+                     stale: list[int]) -> int:
+        """One batch in one transaction (module docstring); returns how many steps it ran or
+        leased. Fills `deferred` with the leased tasks, `taken` with the claimed task ids and
+        `stale` with the tasks of instances that no longer run."""
         claimed = 0
         async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
             done: list[Outcome] = []
@@ -206,19 +248,45 @@ class Executor(Loop):
             if done or stale:
                 claimed += await self._advance(conn, cur, done, stale, deadline,
                                                self.settings.executor_batch - claimed)
-        await self._run_http_many(conn, [(t, tok) for t, tok in deferred if t["kind"] == "http"])
-        for task, token in deferred:
-            if task["kind"] != "http":
-                await self._run_leased(conn, task, token)
-        return claimed + len(stale)
+            await self._round_trip(cur, [])     # nothing owed is left for the commit
+        return claimed
 
     # -- claiming ---------------------------------------------------------------------------
 
     async def _claim(self, cur: psycopg.AsyncCursor[Any], shards: list[int],
                      taken: list[int], limit: int) -> list[dict[str, Any]]:
-        await cur.execute(q("tasks_claim"), {"shards": shards, "claimed": taken,
-                                             "limit": limit})
-        return await cur.fetchall()
+        (rows,) = await self._round_trip(cur, [_literal(cur.connection, q("tasks_claim"), {
+            "shards": shards, "claimed": taken, "limit": limit})])
+        return rows
+
+    async def _round_trip(self, cur: psycopg.AsyncCursor[Any], statements: list[str], *,
+                          settle: bool = True) -> list[list[Any]]:
+        """Run `statements` (values as literals: `_literal`) in one round trip, after the
+        last step's EPILOGUE if it is still owed and `settle` (`cur` is on the batch's
+        connection); return each statement's rows.
+
+        A step's clean-up thus travels with the runtime's next statement instead of costing
+        a round trip of its own. Every statement of the batch after a step goes through
+        here, or follows one that did, so the runtime never runs as the step's role.
+        """
+        owed = settle and self.owed
+        if settle:
+            self.owed = False
+        text = ";\n".join([EPILOGUE, *statements] if owed else statements)
+        if not text:
+            return []
+        try:
+            await cur.execute(text)   # no parameters: one simple query, many statements
+        except Exception as exc:
+            if owed:
+                raise _Redo from exc
+            raise
+        results: list[list[Any]] = []
+        while True:
+            results.append(await cur.fetchall() if cur.description is not None else [])
+            if not cur.nextset():
+                break
+        return results[len(results) - len(statements):]
 
     def _runs_outside(self, task: dict[str, Any]) -> bool:
         return task["kind"] != "sql" or (
@@ -242,13 +310,12 @@ class Executor(Loop):
         instance cancelled before it is not running any more and is not locked here.
         """
         ids = sorted({o.task["instance_id"] for o in done})
-        async with db.pipeline(conn):     # the locks and the nodes in one round trip
-            await cur.execute(q("instances_lock_quiet"), {"ids": ids})
-            nodes = conn.cursor(row_factory=dict_row)
-            await nodes.execute(q("nodes_load_many"), {"ids": ids})
-        rows = {r["id"]: r for r in await cur.fetchall()}
+        locked, loaded = await self._round_trip(cur, [    # the locks and the nodes
+            _literal(conn, q("instances_lock_quiet"), {"ids": ids}),
+            _literal(conn, q("nodes_load_many"), {"ids": ids})])
+        rows = {r["id"]: r for r in locked}
         mail = [o for o in done if o.task["instance_id"] not in rows]
-        states = actors.states(list(rows.values()), await nodes.fetchall())
+        states = actors.states(list(rows.values()), loaded)
         # the database's clock, read when the instances were locked (none locked: unused)
         now: datetime = next(iter(rows.values()))["now"] if rows else datetime.now(UTC)
         began = time.monotonic()
@@ -287,6 +354,7 @@ class Executor(Loop):
                     effects.append((iid, e))     # queued as a task after all
                 else:
                     pending.append(outcome)
+        await self._round_trip(cur, [])     # the last step's EPILOGUE before the writes
         async with db.pipeline(conn):     # every write of the batch in one round trip
             if rows:
                 await self.actors.write(cur, states, effects, rows, now)
@@ -343,9 +411,11 @@ class Executor(Loop):
         metrics.step_started(task["kind"])
         try:
             try:
-                # Three round trips: savepoint, role and limits; the statement; clean-up and
-                # release (docs/architecture.md, "exactly once").
-                step = await self._enter_step(conn, task, savepoint=True, timeout=timeout)
+                # Two round trips: the last step's EPILOGUE, savepoint, role and limits; the
+                # statement. This step's EPILOGUE goes with the runtime's next statement
+                # (docs/architecture.md, "exactly once").
+                step = await self._enter_step(conn, task, savepoint=True, timeout=timeout,
+                                              settle=True)
                 if step.function is None:
                     result = await sql_step.run_sql(conn, payload["query"],
                                                     payload.get("results", {}))
@@ -353,16 +423,16 @@ class Executor(Loop):
                     result = await sql_step.run_sql_confined(
                         conn, payload["query"], payload.get("results", {}), step.function)
                 self._check_result_size(result, step.max_result_bytes)
-                # RESET ALL takes the time-out too; the role is not part of ALL.
-                await self._cleanup(conn, f"RESET ROLE; RELEASE SAVEPOINT {STEP_SAVEPOINT}")
+                self.owed = True
+            except _Redo:
+                raise
             except BaseException:
                 # Back to the savepoint; prepared statements, cursors WITH HOLD and session
                 # locks are not transactional.
                 if not conn.broken and not conn.closed and conn.info.transaction_status in (
                         pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
-                    await conn.execute(f"ROLLBACK TO SAVEPOINT {STEP_SAVEPOINT};"
-                                       f" RELEASE SAVEPOINT {STEP_SAVEPOINT}")
-                    await self._cleanup(conn)
+                    await self._cleanup(conn, f"ROLLBACK TO SAVEPOINT {STEP_SAVEPOINT};"
+                                              f" RELEASE SAVEPOINT {STEP_SAVEPOINT}")
                 raise
             return self._outcome(task, result=result, started=started)
         except psycopg.errors.QueryCanceled as exc:
@@ -400,7 +470,7 @@ class Executor(Loop):
 
     async def _enter_step(self, conn: psycopg.AsyncConnection[Any], task: dict[str, Any],
                           *, own_database: bool = True, savepoint: bool = False,
-                          timeout: float | None = None) -> _Step:
+                          timeout: float | None = None, settle: bool = False) -> _Step:
         """Take on the submitter's role; say how its statement must run (docs/security.md).
 
         A superuser submitter, or the runtime's own role, runs its statement directly under
@@ -408,23 +478,43 @@ class Executor(Loop):
         inside its step function, df_exec."step_<oid>", a SECURITY DEFINER function that role
         owns; the role stays set only so that parsing resolves names as the submitter.
 
-        One round trip (a pipeline): the step's savepoint when asked for, the look-up (as the
-        runtime; once per role and batch, `self.roles`), the role, the step's statement
-        time-out.
+        One round trip (`_round_trip`; with the last step's EPILOGUE when `settle`): the
+        step's savepoint when asked for, the look-up (as the runtime; once per role and
+        batch, `self.roles`), the role, the step's statement time-out.
         """
         key = (task["role"], own_database)
         known = self.roles.get(key)
+        statements = [f"SAVEPOINT {STEP_SAVEPOINT}"] if savepoint else []
+        if known is None:
+            statements.append(_literal(
+                conn,
+                "SELECT r.rolsuper OR r.rolname = current_user, r.oid,"
+                "       pg_catalog.to_regprocedure(pg_catalog.format("
+                "           'df_exec.%%I(text[], boolean)', 'step_' || r.oid))::pg_catalog.oid,"
+                + ("       df._setting('max_result_bytes')" if own_database else
+                   "       NULL::text") +
+                " FROM pg_catalog.pg_roles r WHERE r.rolname = %s", (task["role"],)))
+        statements.append(_literal(
+            conn,
+            "SELECT pg_catalog.set_config('df.instance_id', %s::text, true),"
+            "       CASE WHEN %s::text IS DISTINCT FROM current_user"
+            "            THEN pg_catalog.set_config('role', %s::text, true) END",
+            (task["instance_id"], task["role"], task["role"])))
+        if timeout is not None:
+            statements.append(_literal(
+                conn, "SELECT pg_catalog.set_config('statement_timeout', %s::text, true)",
+                (f"{max(1, round(timeout * 1000))}ms",)))
         try:
-            cur = await self._enter_pipeline(conn, task, known is None, own_database,
-                                             savepoint, timeout)
+            async with conn.cursor() as cur:
+                results = await self._round_trip(cur, statements, settle=settle)
         except psycopg.errors.InvalidParameterValue as exc:   # SET ROLE to a dropped role
             raise StepError(
                 f'SQL execution failed: role "{task["role"]}" does not exist') from exc
         if known is None:
-            row = await cur.fetchone()
-            if row is None:
+            rows = results[1 if savepoint else 0]
+            if not rows:
                 raise StepError(f'SQL execution failed: role "{task["role"]}" does not exist')
-            known = self.roles[key] = tuple(row)
+            known = self.roles[key] = tuple(rows[0])
         trusted, role_oid, function_oid, max_bytes = known
         limit = int(max_bytes) if max_bytes else None
         if trusted:
@@ -435,37 +525,10 @@ class Executor(Loop):
                 f"administrator must run df.grant_usage('{task['role']}') again")
         return _Step(f'df_exec."step_{int(role_oid)}"', limit)
 
-    @staticmethod
-    async def _enter_pipeline(conn: psycopg.AsyncConnection[Any], task: dict[str, Any],
-                              look_up: bool, own_database: bool, savepoint: bool,
-                              timeout: float | None) -> Any:
-        """_enter_step's round trip; the look-up's cursor (None without a look-up)."""
-        cur = None
-        async with db.pipeline(conn):
-            if savepoint:
-                await conn.execute(f"SAVEPOINT {STEP_SAVEPOINT}")
-            if look_up:
-                cur = await conn.execute(
-                    "SELECT r.rolsuper OR r.rolname = current_user, r.oid,"
-                    "       pg_catalog.to_regprocedure(pg_catalog.format("
-                    "           'df_exec.%%I(text[], boolean)', 'step_' || r.oid))::pg_catalog.oid,"
-                    + ("       df._setting('max_result_bytes')" if own_database else
-                       "       NULL::text") +
-                    " FROM pg_catalog.pg_roles r WHERE r.rolname = %s", (task["role"],))
-            await conn.execute(
-                "SELECT pg_catalog.set_config('df.instance_id', %s, true),"
-                "       CASE WHEN %s::text IS DISTINCT FROM current_user"
-                "            THEN pg_catalog.set_config('role', %s, true) END",
-                (task["instance_id"], task["role"], task["role"]))
-            if timeout is not None:
-                await conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, true)",
-                                   (f"{max(1, round(timeout * 1000))}ms",))
-        return cur
-
-    async def _cleanup(self, conn: psycopg.AsyncConnection[Any], then: str = "") -> None:
-        """Undo what a step may leave in the session, in one round trip (RESET ALL returns to
-        the connection's own options, given at connection start), then run `then`."""
-        await conn.execute(sql_step.CLEANUP + (f"; {then}" if then else ""))
+    async def _cleanup(self, conn: psycopg.AsyncConnection[Any], first: str = "") -> None:
+        """Run `first`, then undo what a step may leave in the session, in one round trip
+        (RESET ALL returns to the connection's own options, given at connection start)."""
+        await conn.execute((f"{first}; " if first else "") + sql_step.CLEANUP)
 
     @staticmethod
     def _check_result_size(result: Any, limit: int | None) -> None:
@@ -512,6 +575,7 @@ class Executor(Loop):
         seconds = self.settings.lease_seconds
         if task["kind"] == "http":   # the call may take its whole time-out
             seconds = max(seconds, http_step.timeout_of(task["payload"]) + http_step.LEASE_MARGIN)
+        await self._round_trip(cur, [])
         await cur.execute(q("task_lease"), {"id": task["id"], "worker": self.worker_id,
                                             "seconds": seconds})
         row = await cur.fetchone()

@@ -138,6 +138,27 @@ def test_the_next_step_runs_where_the_step_ran(db: psycopg.Connection[Any]) -> N
     assert row["first"] == row["t"]
 
 
+def test_what_a_step_leaves_in_the_session_is_gone_for_the_next_step(
+        db: psycopg.Connection[Any]) -> None:
+    # The steps share one transaction and one connection (carried on). A step's clean-up
+    # travels with the runtime's next statement; the next step must not see its leftovers.
+    i = start(db, "$$PREPARE leftover AS SELECT 1$$"
+                  " ~> $$SELECT pg_advisory_lock(4242), txid_current() AS t$$ |=> 'a'"
+                  " ~> $$SET search_path = pg_temp$$"
+                  " ~> $$CREATE TEMP TABLE leftover (x int)$$"
+                  " ~> $$SELECT $a.t = txid_current() AS same_transaction,"
+                  "  (SELECT count(*) FROM pg_prepared_statements) AS prepared,"
+                  "  (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                  "     AND pid = pg_backend_pid()) AS advisory,"
+                  "  current_setting('search_path') <> 'pg_temp' AS search_path_reset,"
+                  "  to_regclass('pg_temp.leftover') IS NULL AS temp_gone,"
+                  "  current_user = session_user AS own_role$$")
+    assert wait(db, i) == "completed"
+    assert result(db, i)["rows"] == [{
+        "same_transaction": True, "prepared": 0, "advisory": 0, "search_path_reset": True,
+        "temp_gone": True, "own_role": True}]
+
+
 def test_cancel_stops_a_chain_of_steps_and_ends_cancelled(db: psycopg.Connection[Any]) -> None:
     db.execute("CREATE TABLE IF NOT EXISTS chain_ticks (n int)")
     i = start(db, " ~> ".join(["$$INSERT INTO chain_ticks SELECT 1 FROM pg_sleep(0.02)$$"] * 200))
