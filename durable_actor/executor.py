@@ -162,6 +162,7 @@ class Executor(Loop):
         self.http = http_step.HttpCaller()
         self.roles: dict[tuple[str, bool], tuple[Any, ...]] = {}   # _enter_step, per batch
         self.owed = False    # the last step's EPILOGUE is still to be sent (_round_trip)
+        self.eager = False   # after a redone batch: each step's EPILOGUE at once, as its own
         self.log = self.log.bind(executor=index)
         self.actors = actors.Actors(settings, self.log)
 
@@ -195,10 +196,14 @@ class Executor(Loop):
             cause = exc.__cause__
             if isinstance(cause, psycopg.Error) and db.needs_reconnect(cause, conn):
                 raise cause from exc
+            # Once more with each step's EPILOGUE inside the step, so that a step whose
+            # clean-up cannot succeed fails alone instead of redoing its batch for ever.
             self.log.warning("batch_redone", error=str(cause).strip())
+            self.eager = True
             async with conn.transaction():     # the rollback kept what is not transactional
                 await self._cleanup(conn)
             return 1
+        self.eager = False
         await self._run_http_many(conn, [(t, tok) for t, tok in deferred if t["kind"] == "http"])
         for task, token in deferred:
             if task["kind"] != "http":
@@ -410,6 +415,7 @@ class Executor(Loop):
         started = time.monotonic()
         metrics.step_started(task["kind"])
         try:
+            sql_step.check_not_transaction_control(payload["query"])
             try:
                 # Two round trips: the last step's EPILOGUE, savepoint, role and limits; the
                 # statement. This step's EPILOGUE goes with the runtime's next statement
@@ -423,10 +429,16 @@ class Executor(Loop):
                     result = await sql_step.run_sql_confined(
                         conn, payload["query"], payload.get("results", {}), step.function)
                 self._check_result_size(result, step.max_result_bytes)
-                self.owed = True
+                if self.eager:
+                    await self._epilogue_now(conn)
+                else:
+                    self.owed = True
             except _Redo:
                 raise
-            except BaseException:
+            except BaseException as exc:
+                if self.owed:   # the last step's savepoint is the open one: redo the batch
+                    self.owed = False
+                    raise _Redo from exc
                 # Back to the savepoint; prepared statements, cursors WITH HOLD and session
                 # locks are not transactional.
                 if not conn.broken and not conn.closed and conn.info.transaction_status in (
@@ -524,6 +536,20 @@ class Executor(Loop):
                 f'SQL execution failed: role "{task["role"]}" has no step function; an '
                 f"administrator must run df.grant_usage('{task['role']}') again")
         return _Step(f'df_exec."step_{int(role_oid)}"', limit)
+
+    @staticmethod
+    async def _epilogue_now(conn: psycopg.AsyncConnection[Any]) -> None:
+        """The step's EPILOGUE in a round trip of its own (after a redone batch); a clean-up
+        that fails (say, DISCARD TEMP under a cursor the step left open) fails the step."""
+        try:
+            await conn.execute(EPILOGUE)
+        except psycopg.errors.QueryCanceled:
+            raise
+        except psycopg.Error as exc:
+            if db.needs_reconnect(exc, conn):
+                raise
+            message = exc.diag.message_primary or str(exc).strip()
+            raise StepError(f"SQL execution failed: {message}", sqlstate=exc.sqlstate) from exc
 
     async def _cleanup(self, conn: psycopg.AsyncConnection[Any], first: str = "") -> None:
         """Run `first`, then undo what a step may leave in the session, in one round trip

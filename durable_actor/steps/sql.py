@@ -655,6 +655,22 @@ _OUTSIDE_RE = re.compile(
 _LEADING_RE = re.compile(r"(\s+|--[^\n]*\n?|/\*.*?\*/)*", re.DOTALL)
 
 
+_TRANSACTION_CONTROL_RE = re.compile(
+    r"(BEGIN|START\s+TRANSACTION|COMMIT|END|ROLLBACK|ABORT|SAVEPOINT|RELEASE"
+    r"|PREPARE\s+TRANSACTION)\b", re.IGNORECASE)
+
+
+def check_not_transaction_control(query: str) -> None:
+    """Refuse a statement that would end or reshape the transaction the step runs in (a
+    COMMIT would commit the batch's earlier steps without their completions). Inside a step
+    function PostgreSQL refuses these itself; this says so for every role, before running."""
+    start = _LEADING_RE.match(query)
+    if _TRANSACTION_CONTROL_RE.match(query, start.end() if start else 0):
+        raise StepError("SQL execution failed: a step cannot control the transaction it runs "
+                        "in (BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE …); each step "
+                        "commits with its completion", sqlstate="2D000")
+
+
 def runs_outside(query: str) -> bool:
     """May `query` (one statement) run outside a transaction block for any role?"""
     start = _LEADING_RE.match(query)

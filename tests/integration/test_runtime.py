@@ -8,6 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from durable_actor.steps import sql as sql_step
 from tests.helpers import one, result, start, until_sync, wait
 
 
@@ -157,6 +158,55 @@ def test_what_a_step_leaves_in_the_session_is_gone_for_the_next_step(
     assert result(db, i)["rows"] == [{
         "same_transaction": True, "prepared": 0, "advisory": 0, "search_path_reset": True,
         "temp_gone": True, "own_role": True}]
+
+
+@pytest.mark.parametrize("statement", [
+    "COMMIT", "  -- a comment\n rollback", "/* c */ RELEASE SAVEPOINT df_step",
+    "SAVEPOINT mine", "BEGIN", "END", "start transaction", "PREPARE TRANSACTION 'x'"])
+def test_a_step_cannot_control_its_transaction(db: psycopg.Connection[Any],
+                                               statement: str) -> None:
+    # A COMMIT would commit the batch's earlier steps without their completions.
+    db.execute("CREATE TABLE IF NOT EXISTS tx_control_ledger (n int)")
+    i = start(db, "$$INSERT INTO tx_control_ledger VALUES (1)$$ ~> df.sql(%s) ~> $$SELECT 2$$",
+              statement)
+    assert wait(db, i) == "failed"
+    failed = [r for r in nodes(db, i) if r["node_type"] == "SQL" and r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["error"].startswith(
+        "SQL execution failed: a step cannot control the transaction it runs in"), failed
+    # the step before it took effect once, the step after it never ran
+    assert [r["status"] for r in nodes(db, i) if r["node_type"] == "SQL"] == [
+        "completed", "failed", "pending"]
+
+
+def test_transaction_control_is_told_apart_from_other_statements() -> None:
+    for query in ("SELECT 'COMMIT'", "DO $$BEGIN PERFORM 1; END$$", "ENDLESS",
+                  "-- COMMIT\nSELECT 1", "WITH x AS (SELECT 1) SELECT * FROM x",
+                  "PREPARE p AS SELECT 1"):
+        sql_step.check_not_transaction_control(query)
+
+
+def test_a_step_whose_clean_up_fails_fails_alone(db: psycopg.Connection[Any]) -> None:
+    # A cursor left open over a temporary table makes the clean-up's DISCARD TEMP fail. The
+    # clean-up travels with the next round trip, whose failure redoes the batch, this time
+    # with each step's clean-up inside the step: the step fails with that error, rolled back.
+    db.execute("CREATE TABLE IF NOT EXISTS cleanup_ledger (step text)")
+    db.execute("""CREATE OR REPLACE FUNCTION open_over_temp() RETURNS refcursor
+                  LANGUAGE plpgsql AS $f$
+                  DECLARE c refcursor := 'left_open';
+                  BEGIN
+                      CREATE TEMP TABLE IF NOT EXISTS held (x int);
+                      INSERT INTO cleanup_ledger VALUES ('second');
+                      OPEN c FOR SELECT * FROM held;
+                      RETURN c;
+                  END $f$""")
+    i = start(db, "$$INSERT INTO cleanup_ledger VALUES ('first')$$"
+                  " ~> $$SELECT open_over_temp()::text AS c$$ ~> $$SELECT 2 AS b$$")
+    assert wait(db, i) == "failed"
+    steps = [r for r in nodes(db, i) if r["node_type"] == "SQL"]
+    assert [r["status"] for r in steps] == ["completed", "failed", "pending"]
+    assert steps[1]["error"] == ('SQL execution failed: cannot DROP TABLE "held" because it is'
+                                 " being used by active queries in this session")
+    assert db.execute("SELECT step FROM cleanup_ledger").fetchall() == [("first",)]
 
 
 def test_cancel_stops_a_chain_of_steps_and_ends_cancelled(db: psycopg.Connection[Any]) -> None:
