@@ -72,6 +72,19 @@ def message_from_row(row: dict[str, Any], now: datetime) -> engine.Message | Non
     return None
 
 
+def apply_mail(states: dict[str, engine.InstanceState], mail: list[dict[str, Any]],
+               now: datetime) -> list[tuple[str, list[engine.Effect]]]:
+    """Feed the taken messages (mailbox rows) through the engine in mailbox order; what each
+    decided, per instance. Messages for instances not in `states` are dropped."""
+    out: list[tuple[str, list[engine.Effect]]] = []
+    for row in sorted(mail, key=lambda r: r["id"]):
+        msg = message_from_row(row, now)
+        state = states.get(row["instance_id"])
+        if msg is not None and state is not None:
+            out.append((state.id, engine.transition(state, msg)[1]))
+    return out
+
+
 async def load(cur: psycopg.AsyncCursor[Any],
                rows: list[dict[str, Any]]) -> dict[str, engine.InstanceState]:
     """The engine state of these locked instance rows (instances_claim_with_mail's columns)."""

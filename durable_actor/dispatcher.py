@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from durable_actor import actors, db, engine
+from durable_actor import actors, db
 from durable_actor.config import Settings
 from durable_actor.loop import Loop
 from durable_actor.queries import q
@@ -42,15 +42,8 @@ class Dispatcher(Loop):
             take = conn.cursor(row_factory=dict_row)    # the mail and the nodes: one round trip
             await take.execute(q("mailbox_take_many"), {"ids": [r["id"] for r in claimed]})
             states = await actors.load(cur, claimed)
-            mail = sorted(await take.fetchall(), key=lambda r: r["id"])
-            effects: list[tuple[str, engine.Effect]] = []
             now: datetime = claimed[0]["now"]
-            for row in mail:
-                msg = actors.message_from_row(row, now)
-                state = states.get(row["instance_id"])
-                if msg is None or state is None:
-                    continue
-                _, out = engine.transition(state, msg)
-                effects.extend((state.id, e) for e in out)
+            decided = actors.apply_mail(states, await take.fetchall(), now)
+            effects = [(iid, e) for iid, out in decided for e in out]
             await self.actors.write(cur, states, effects, {r["id"]: r for r in claimed}, now)
         return len(claimed)

@@ -22,7 +22,10 @@ The finished steps' instances that have no mail waiting and that nobody else run
 (SKIP LOCKED) and their outcomes applied here with the engine (``_advance``); the SQL steps that
 follow in this database run at once, each in its savepoint, while the batch's budget lasts,
 and what the engine decided is written with the dispatcher's code (``actors.py``). These steps
-have no task row: they, the new state and the first step commit together or not at all.
+have no task row: they, the new state and the first step commit together or not at all. An
+executor whose last round found nothing to do takes mail as the dispatcher does and carries
+those instances on the same way (``_take_mail``), so an idle runtime starts a workflow's first
+step without a dispatcher round.
 
 At least once for everything else
 ---------------------------------
@@ -144,7 +147,7 @@ class Outcome:
 
 class Executor(Loop):
     role = "executor"
-    channels = ("df_tasks", "df_cancel")
+    channels = ("df_tasks", "df_mailbox", "df_cancel")
     prepares = False   # CLEANUP deallocates every prepared statement after each step
 
     def __init__(self, settings: Settings, dsn: str, *, index: int = 0, count: int = 1) -> None:
@@ -163,6 +166,7 @@ class Executor(Loop):
         self.roles: dict[tuple[str, bool], tuple[Any, ...]] = {}   # _enter_step, per batch
         self.owed = False    # the last step's EPILOGUE is still to be sent (_round_trip)
         self.eager = False   # after a redone batch: each step's EPILOGUE at once, as its own
+        self.idle = True     # the last round found nothing to do: take mail (_take_mail)
         self.log = self.log.bind(executor=index)
         self.actors = actors.Actors(settings, self.log)
 
@@ -191,7 +195,9 @@ class Executor(Loop):
         self.owed = False
         claimed = 0
         try:
-            claimed = await self._batch(conn, deferred, taken, stale)
+            if self.idle:
+                claimed = await self._take_mail(conn)
+            claimed += await self._batch(conn, deferred, taken, stale)
         except _Redo as exc:
             cause = exc.__cause__
             if isinstance(cause, psycopg.Error) and db.needs_reconnect(cause, conn):
@@ -208,7 +214,37 @@ class Executor(Loop):
         for task, token in deferred:
             if task["kind"] != "http":
                 await self._run_leased(conn, task, token)
+        self.idle = claimed + len(stale) == 0
         return claimed + len(stale)
+
+    async def _take_mail(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """An idle executor runs actors too: it claims instances that have mail as the
+        dispatcher does (SKIP LOCKED: one actor runs in one place), applies the mail with the
+        engine and carries the instances on here (`_carry`), in one transaction. So a
+        workflow just started runs its first steps in the transaction that takes its start
+        message, without waiting for a dispatcher round and a task hand-over. A busy
+        executor leaves the mail to the dispatcher, which takes it in larger batches.
+        Returns how many steps ran."""
+        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            (claimed,) = await self._round_trip(cur, [_literal(
+                conn, q("instances_claim_with_mail"),
+                {"limit": CLAIM_GROUP, "scan": CLAIM_GROUP * 2})])
+            if not claimed:
+                return 0
+            ids = [r["id"] for r in claimed]
+            mail, loaded = await self._round_trip(cur, [
+                _literal(conn, q("mailbox_take_many"), {"ids": ids}),
+                _literal(conn, q("nodes_load_many"), {"ids": ids})])
+            rows = {r["id"]: r for r in claimed}
+            states = actors.states(claimed, loaded)
+            now: datetime = claimed[0]["now"]
+            effects, ran = await self._carry(
+                conn, cur, rows, states, now, time.monotonic() + self.settings.batch_budget,
+                self.settings.executor_batch, actors.apply_mail(states, mail, now))
+            await self._round_trip(cur, [])     # the last step's EPILOGUE before the writes
+            async with db.pipeline(conn):
+                await self.actors.write(cur, states, effects, rows, now)
+        return ran
 
     async def _batch(self, conn: psycopg.AsyncConnection[Any],
                      deferred: list[tuple[dict[str, Any], int]], taken: list[int],
@@ -323,42 +359,10 @@ class Executor(Loop):
         states = actors.states(list(rows.values()), loaded)
         # the database's clock, read when the instances were locked (none locked: unused)
         now: datetime = next(iter(rows.values()))["now"] if rows else datetime.now(UTC)
-        began = time.monotonic()
-        effects: list[tuple[str, engine.Effect]] = []
-        pending = [o for o in done if o.task["instance_id"] in rows]
-        ran = 0
-        while pending:
-            runnable: list[tuple[str, engine.RunStep]] = []
-            at = now + timedelta(seconds=time.monotonic() - began)
-            for o in pending:
-                iid = o.task["instance_id"]
-                msg = actors.message_from_row({
-                    "kind": "step", "payload": o.payload, "node_id": o.task["node_id"],
-                    "activation": o.task["activation"]}, at)
-                assert msg is not None
-                out = engine.transition(states[iid], msg)[1]
-                # Rows to drop go first: a step that stores rows again must follow the write.
-                drops = any(isinstance(e, engine.DropRows) for e in out)
-                for e in out:
-                    if isinstance(e, engine.RunStep) and not drops and \
-                            self._runs_here(e, rows[iid]):
-                        runnable.append((iid, e))
-                    else:
-                        effects.append((iid, e))
-            pending = []
-            for iid, e in runnable:
-                outcome = None
-                if steps_left > 0 and time.monotonic() < deadline:
-                    steps_left -= 1
-                    ran += 1
-                    outcome, cut = await self._run_step(
-                        conn, cur, _inline_task(rows[iid], e), others_wait=True)
-                    if cut:
-                        steps_left = 0           # the batch's time is up
-                if outcome is None:
-                    effects.append((iid, e))     # queued as a task after all
-                else:
-                    pending.append(outcome)
+        effects, ran = await self._carry(
+            conn, cur, rows, states, now, deadline, steps_left,
+            [(o.task["instance_id"], self._apply_step(states, o, now))
+             for o in done if o.task["instance_id"] in rows])
         await self._round_trip(cur, [])     # the last step's EPILOGUE before the writes
         async with db.pipeline(conn):     # every write of the batch in one round trip
             if rows:
@@ -373,6 +377,62 @@ class Executor(Loop):
             if mail:
                 await cur.execute("SELECT pg_notify('df_mailbox', '')")
         return ran
+
+    @staticmethod
+    def _apply_step(states: dict[str, engine.InstanceState], outcome: Outcome,
+                    at: datetime) -> list[engine.Effect]:
+        """What the engine decides for the instance of a step that finished here."""
+        task = outcome.task
+        msg = actors.message_from_row({"kind": "step", "payload": outcome.payload,
+                                       "node_id": task["node_id"],
+                                       "activation": task["activation"]}, at)
+        assert msg is not None
+        return engine.transition(states[task["instance_id"]], msg)[1]
+
+    async def _carry(self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any],
+                     rows: dict[str, dict[str, Any]], states: dict[str, engine.InstanceState],
+                     now: datetime, deadline: float, steps_left: int,
+                     decided: list[tuple[str, list[engine.Effect]]]
+                     ) -> tuple[list[tuple[str, engine.Effect]], int]:
+        """Carry locked instances on from what the engine `decided` for them: the SQL steps
+        that follow in this database run here at once, each in its savepoint, while the
+        batch's budget (`deadline`, `steps_left`) lasts, and their outcomes go through the
+        engine again. Returns the effects left to write (``actors.py``) and how many steps
+        ran. A step that outlasts the budget is cut short and queued as a task (`_run_step`):
+        a cancel waits for this transaction's commit, and a running step shows as running
+        only once it is a task."""
+        began = time.monotonic()
+        effects: list[tuple[str, engine.Effect]] = []
+        ran = 0
+        while decided:
+            runnable: list[tuple[str, engine.RunStep]] = []
+            for iid, out in decided:
+                # Rows to drop go first: a step that stores rows again must follow the write.
+                drops = any(isinstance(e, engine.DropRows) for e in out)
+                for e in out:
+                    if isinstance(e, engine.RunStep) and not drops and \
+                            self._runs_here(e, rows[iid]):
+                        runnable.append((iid, e))
+                    else:
+                        effects.append((iid, e))
+            finished: list[Outcome] = []
+            for iid, e in runnable:
+                outcome = None
+                if steps_left > 0 and time.monotonic() < deadline:
+                    steps_left -= 1
+                    outcome, cut = await self._run_step(
+                        conn, cur, _inline_task(rows[iid], e), others_wait=True)
+                    ran += 1
+                    if cut:
+                        steps_left = 0           # the batch's time is up
+                if outcome is None:
+                    effects.append((iid, e))     # queued as a task after all
+                else:
+                    finished.append(outcome)
+            at = now + timedelta(seconds=time.monotonic() - began)
+            decided = [(o.task["instance_id"], self._apply_step(states, o, at))
+                       for o in finished]
+        return effects, ran
 
     def _runs_here(self, step: engine.RunStep, instance: dict[str, Any]) -> bool:
         return step.kind == "sql" and instance["database"] in (None, self.database)

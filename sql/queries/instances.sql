@@ -3,7 +3,9 @@
 -- SKIP LOCKED: another dispatcher owns the rest for now; one actor runs in one place.
 SELECT i.id, i.root_node, i.status, i.label, i.vars, i.names, i.inbox, i.execution_count,
        i.seq, i.parent_id, i.parent_node, i.parent_activation, i.branch_index, i.family_root,
-       i.waiters, clock_timestamp() AS now
+       i.waiters, i.database,
+       (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = i.submitted_by) AS role,
+       clock_timestamp() AS now
 FROM df.instances i
 WHERE i.id IN (SELECT DISTINCT m.instance_id FROM df.mailbox m LIMIT %(scan)s::int)
 FOR UPDATE OF i SKIP LOCKED
