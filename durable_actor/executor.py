@@ -69,7 +69,9 @@ or 503 answer that is a result carries its Retry-After too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -241,8 +243,7 @@ class Executor(Loop):
             effects, ran = await self._carry(
                 conn, cur, rows, states, now, time.monotonic() + self.settings.batch_budget,
                 self.settings.executor_batch, actors.apply_mail(states, mail, now))
-            await self._round_trip(cur, [])     # the last step's EPILOGUE before the writes
-            async with db.pipeline(conn):
+            async with self._writes(conn, cur):
                 await self.actors.write(cur, states, effects, rows, now)
         return ran
 
@@ -299,6 +300,24 @@ class Executor(Loop):
         (rows,) = await self._round_trip(cur, [_literal(cur.connection, q("tasks_claim"), {
             "shards": shards, "claimed": taken, "limit": limit})])
         return rows
+
+    @contextlib.asynccontextmanager
+    async def _writes(self, conn: psycopg.AsyncConnection[Any],
+                      cur: psycopg.AsyncCursor[Any]) -> AsyncIterator[None]:
+        """A pipeline for a batch's writes, headed by the last step's EPILOGUE if it is still
+        owed (statement by statement: a pipeline takes no multi-statement query). As with
+        `_round_trip`, a failure after an EPILOGUE redoes the batch."""
+        owed, self.owed = self.owed, False
+        try:
+            async with db.pipeline(conn):
+                if owed:
+                    for statement in EPILOGUE.split("; "):
+                        await cur.execute(statement)
+                yield
+        except Exception as exc:
+            if owed:
+                raise _Redo from exc
+            raise
 
     async def _round_trip(self, cur: psycopg.AsyncCursor[Any], statements: list[str], *,
                           settle: bool = True) -> list[list[Any]]:
@@ -363,8 +382,7 @@ class Executor(Loop):
             conn, cur, rows, states, now, deadline, steps_left,
             [(o.task["instance_id"], self._apply_step(states, o, now))
              for o in done if o.task["instance_id"] in rows])
-        await self._round_trip(cur, [])     # the last step's EPILOGUE before the writes
-        async with db.pipeline(conn):     # every write of the batch in one round trip
+        async with self._writes(conn, cur):     # every write of the batch in one round trip
             if rows:
                 await self.actors.write(cur, states, effects, rows, now)
             await cur.execute(q("tasks_complete_many"), {
