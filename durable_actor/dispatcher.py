@@ -25,6 +25,10 @@ from durable_actor.queries import q
 class Dispatcher(Loop):
     role = "dispatcher"
     channels = ("df_mailbox",)
+    # Idle executors take fresh mail themselves and run the steps it starts at once
+    # (Executor._take_mail); woken from idle, the dispatcher lets them go first. A busy
+    # dispatcher does not wait: it claims again as soon as a round found mail.
+    wake_delay = 0.003
 
     def __init__(self, settings: Settings, dsn: str, *, index: int = 0) -> None:
         super().__init__(settings, dsn, index=index)

@@ -43,6 +43,7 @@ class Loop:
     role = "loop"
     channels: tuple[str, ...] = ()
     prepares = True    # may its work connection keep prepared statements (db.connect)?
+    wake_delay = 0.0   # seconds between a NOTIFY that ends an idle wait and the next round
 
     def __init__(self, settings: Settings, dsn: str, *, index: int = 0) -> None:
         self.settings = settings
@@ -101,6 +102,8 @@ class Loop:
                     timeout = await self.idle_timeout(self.conn)
                     if await self._idle_wait(timeout, stop):
                         self.idle_rounds = 0
+                        if self.wake_delay:
+                            await _first_of(asyncio.sleep(self.wake_delay), stop.wait())
                     else:
                         self.idle_rounds += 1
                 except asyncio.CancelledError:

@@ -53,7 +53,8 @@ def test_endpoint_counts_steps_and_reads_the_database(fresh_dsn: str) -> None:
                       le="+Inf") == 12
         assert _value(samples, "durable_actor_claim_batch_size_count", role="executor") >= 1
         assert _value(samples, "durable_actor_claim_batch_size_sum", role="executor") == 12
-        assert _value(samples, "durable_actor_claim_batch_size_count", role="dispatcher") >= 1
+        # (Mail is taken by the dispatcher or by an idle executor, whichever comes first, so
+        # the dispatcher's own claims are not counted on here.)
         # Database-side figures, the same as the view's.
         assert _value(samples, "durable_actor_database_up") == 1
         assert _value(samples, "durable_actor_instances", status="completed") == 5
