@@ -151,6 +151,7 @@ class Executor(Loop):
     role = "executor"
     channels = ("df_tasks", "df_mailbox", "df_cancel")
     prepares = False   # CLEANUP deallocates every prepared statement after each step
+    autocommit = True  # BEGIN goes with a batch's first round trip, COMMIT with its writes
 
     def __init__(self, settings: Settings, dsn: str, *, index: int = 0, count: int = 1) -> None:
         super().__init__(settings, dsn, index=index)
@@ -167,6 +168,7 @@ class Executor(Loop):
         self.http = http_step.HttpCaller()
         self.roles: dict[tuple[str, bool], tuple[Any, ...]] = {}   # _enter_step, per batch
         self.owed = False    # the last step's EPILOGUE is still to be sent (_round_trip)
+        self.begin = False   # BEGIN is still to be sent (_transaction, _round_trip)
         self.eager = False   # after a redone batch: each step's EPILOGUE at once, as its own
         self.idle = True     # the last round found nothing to do: take mail (_take_mail)
         self.log = self.log.bind(executor=index)
@@ -227,7 +229,7 @@ class Executor(Loop):
         message, without waiting for a dispatcher round and a task hand-over. A busy
         executor leaves the mail to the dispatcher, which takes it in larger batches.
         Returns how many steps ran."""
-        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        async with self._transaction(conn), conn.cursor(row_factory=dict_row) as cur:
             (claimed,) = await self._round_trip(cur, [_literal(
                 conn, q("instances_claim_with_mail"),
                 {"limit": CLAIM_GROUP, "scan": CLAIM_GROUP * 2})])
@@ -254,7 +256,7 @@ class Executor(Loop):
         leased. Fills `deferred` with the leased tasks, `taken` with the claimed task ids and
         `stale` with the tasks of instances that no longer run."""
         claimed = 0
-        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        async with self._transaction(conn), conn.cursor(row_factory=dict_row) as cur:
             done: list[Outcome] = []
             shards = self.mine
             deadline = time.monotonic() + self.settings.batch_budget
@@ -302,11 +304,31 @@ class Executor(Loop):
         return rows
 
     @contextlib.asynccontextmanager
+    async def _transaction(self, conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+        """A batch's transaction on the (autocommit) connection: BEGIN goes with its first
+        round trip (`_round_trip`), COMMIT with its writes (`_writes`) or, without writes,
+        at the end; an exception rolls it back. Two round trips fewer than psycopg's."""
+        self.begin = True
+        try:
+            yield
+        except BaseException:
+            self.begin = False
+            if not conn.closed and not conn.broken and \
+                    conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                with contextlib.suppress(psycopg.Error):   # the exception says what failed
+                    await conn.execute("ROLLBACK")
+            raise
+        self.begin = False
+        if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            await conn.execute("COMMIT")
+
+    @contextlib.asynccontextmanager
     async def _writes(self, conn: psycopg.AsyncConnection[Any],
                       cur: psycopg.AsyncCursor[Any]) -> AsyncIterator[None]:
-        """A pipeline for a batch's writes, headed by the last step's EPILOGUE if it is still
-        owed (statement by statement: a pipeline takes no multi-statement query). As with
-        `_round_trip`, a failure after an EPILOGUE redoes the batch."""
+        """A pipeline for a batch's writes and its COMMIT, headed by the last step's EPILOGUE
+        if it is still owed (statement by statement: a pipeline takes no multi-statement
+        query). As with `_round_trip`, a failure after an EPILOGUE redoes the batch."""
+        assert not self.begin, "a batch's writes follow its first round trip"
         owed, self.owed = self.owed, False
         try:
             async with db.pipeline(conn):
@@ -314,6 +336,7 @@ class Executor(Loop):
                     for statement in EPILOGUE.split("; "):
                         await cur.execute(statement)
                 yield
+                await cur.execute("COMMIT")
         except Exception as exc:
             if owed:
                 raise _Redo from exc
@@ -323,16 +346,18 @@ class Executor(Loop):
                           settle: bool = True) -> list[list[Any]]:
         """Run `statements` (values as literals: `_literal`) in one round trip, after the
         last step's EPILOGUE if it is still owed and `settle` (`cur` is on the batch's
-        connection); return each statement's rows.
+        connection; its BEGIN goes first when still to be sent); return each statement's
+        rows.
 
         A step's clean-up thus travels with the runtime's next statement instead of costing
         a round trip of its own. Every statement of the batch after a step goes through
         here, or follows one that did, so the runtime never runs as the step's role.
         """
         owed = settle and self.owed
+        begin = settle and self.begin
         if settle:
-            self.owed = False
-        text = ";\n".join([EPILOGUE, *statements] if owed else statements)
+            self.owed = self.begin = False
+        text = ";\n".join(["BEGIN"] * begin + [EPILOGUE] * owed + statements)
         if not text:
             return []
         try:

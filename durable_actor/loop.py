@@ -44,6 +44,7 @@ class Loop:
     channels: tuple[str, ...] = ()
     prepares = True    # may its work connection keep prepared statements (db.connect)?
     wake_delay = 0.0   # seconds between a NOTIFY that ends an idle wait and the next round
+    autocommit = False  # is its work connection in autocommit mode (it sends BEGIN itself)?
 
     def __init__(self, settings: Settings, dsn: str, *, index: int = 0) -> None:
         self.settings = settings
@@ -91,7 +92,8 @@ class Loop:
                     if self.conn is None or self.conn.closed:
                         self.conn = await db.connect(self.dsn, role=self.role,
                                                      options=self.connection_options(),
-                                                     prepare=self.prepares)
+                                                     prepare=self.prepares,
+                                                     autocommit=self.autocommit)
                     handled = await self.work_once(self.conn)
                     backoff.reset()
                     self._looped()
