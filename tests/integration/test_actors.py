@@ -1,0 +1,71 @@
+"""Who runs an instance's actor: the dispatcher, or an idle executor that takes the mail itself.
+
+One round of each process at a time, in this process, on a real database: no supervisor, so
+which process takes the mail is decided by the test, not by a race.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from durable_actor import config, db
+from durable_actor.dispatcher import Dispatcher
+from durable_actor.executor import Executor
+
+WORKFLOW = "SELECT df.start($$SELECT 1 AS a$$ |=> 'x' ~> $$SELECT $x.a + 1 AS b$$)"
+
+
+@pytest.fixture
+async def aconn(fresh_dsn: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async with await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as c:
+        yield c
+
+
+async def _one(conn: psycopg.AsyncConnection[Any], query: str, *args: Any) -> Any:
+    row = await (await conn.execute(query, args)).fetchone()  # type: ignore[arg-type]
+    assert row is not None
+    return row[0]
+
+
+async def _executor(dsn: str) -> tuple[Executor, psycopg.AsyncConnection[Any]]:
+    executor = Executor(config.from_env({}), dsn)
+    conn = await db.connect(dsn, role="test executor", options=executor.connection_options(),
+                            autocommit=Executor.autocommit)
+    return executor, conn
+
+
+async def test_an_idle_executor_takes_a_start_and_runs_its_steps_at_once(
+        fresh_dsn: str, aconn: psycopg.AsyncConnection[Any]) -> None:
+    i = await _one(aconn, WORKFLOW)
+    executor, conn = await _executor(fresh_dsn)
+    async with conn:
+        assert executor.idle
+        assert await executor.work_once(conn) == 2          # both steps, in one transaction
+    assert await _one(aconn, "SELECT status FROM df.instances WHERE id = %s", i) == "completed"
+    assert await _one(aconn, "SELECT df.result(%s)", i) == '{"rows":[{"b":2}],"row_count":1}'
+    assert await _one(aconn, "SELECT count(*) FROM df.mailbox") == 0
+    assert await _one(aconn, "SELECT count(*) FROM df.tasks") == 0
+
+
+async def test_a_busy_executor_leaves_mail_to_the_dispatcher(
+        fresh_dsn: str, aconn: psycopg.AsyncConnection[Any]) -> None:
+    ids = [await _one(aconn, WORKFLOW) for _ in range(3)]
+    executor, econn = await _executor(fresh_dsn)
+    dispatcher = Dispatcher(config.from_env({}), fresh_dsn)
+    dconn = await db.connect(fresh_dsn, role="test dispatcher", prepare=True)
+    async with econn, dconn:
+        executor.idle = False                               # its last round had work
+        assert await executor.work_once(econn) == 0
+        assert await _one(aconn, "SELECT count(*) FROM df.mailbox") == 3
+        assert await dispatcher.work_once(dconn) == 3        # one batch: the three starts
+        assert await _one(aconn, "SELECT count(*) FROM df.mailbox") == 0
+        assert await _one(aconn, "SELECT count(*) FROM df.tasks") == 3
+        assert await executor.work_once(econn) == 6          # first steps, then carried on
+    statuses = await (await aconn.execute(
+        "SELECT status FROM df.instances WHERE id = ANY(%s)", (ids,))).fetchall()
+    assert statuses == [("completed",)] * 3
+    assert await _one(aconn, "SELECT count(*) FROM df.tasks") == 0
