@@ -246,10 +246,10 @@ class Supervisor:
         for proc in alive:
             if proc.pid:
                 os.kill(proc.pid, signal.SIGTERM)
-        requests = self.stop_requests
         deadline = time.monotonic() + self.settings.grace_period
         while any(p.is_alive() for p in alive):
-            if time.monotonic() > deadline or self.stop_requests > requests:
+            # The first signal began the drain; any later one, whenever it came, ends it.
+            if time.monotonic() > deadline or self.stop_requests > 1:
                 for proc in alive:
                     if proc.is_alive() and proc.pid:
                         os.kill(proc.pid, signal.SIGKILL)
