@@ -339,6 +339,34 @@ def test_running_instances_per_role_are_capped(
                       " WHERE name = 'max_running_instances_per_role'")
 
 
+def test_a_large_cap_holds_exactly_at_the_limit(
+        module_dsn: str, users: dict[str, str], admin: Conn) -> None:
+    """Above 1024 the count starts from a 1/16 sample of the role's instance ids; near the
+    limit it is exact, so the cap holds to the instance."""
+    admin.execute("UPDATE df.settings SET value = '4000' WHERE name = 'max_running_instances_per_role'")
+    fill = ("INSERT INTO df.instances (id, root_node, status, submitted_by)"
+            " SELECT left(md5('cap' || g), 8), '00000000', 'pending', r.oid"
+            " FROM pg_roles r, generate_series(%s::int, %s::int) g"
+            " WHERE r.rolname = %s")
+    try:
+        with connect_as(module_dsn, users["bob"]) as b:
+            b.execute("SELECT df.cancel(id) FROM df.instances WHERE status IN ('pending', 'running')")
+            admin.execute(fill, (1, 3999, users["bob"]))
+            first = one(b, "SELECT df.start(df.wait_for_signal('go', 60))")   # the 4000th
+            with pytest.raises(psycopg.errors.ProgramLimitExceeded,
+                               match="has 4000 pending or running instances"):
+                b.execute("SELECT df.start('SELECT 1')")
+            b.execute("SELECT df.cancel(%s)", (first,))
+            admin.execute("DELETE FROM df.instances WHERE id IN"
+                          " (SELECT left(md5('cap' || g), 8) FROM generate_series(1000, 3999) g)")
+            b.execute("SELECT df.cancel(df.start('SELECT 1'))")     # 999 left: sampled, passes
+    finally:
+        admin.execute("DELETE FROM df.instances WHERE id IN"
+                      " (SELECT left(md5('cap' || g), 8) FROM generate_series(1, 3999) g)")
+        admin.execute("UPDATE df.settings SET value = '10000'"
+                      " WHERE name = 'max_running_instances_per_role'")
+
+
 @pytest.mark.parametrize(("setting", "value", "expr", "message"), [
     ("max_node_count", "3", "df.seq(df.seq('SELECT 1', 'SELECT 2'), 'SELECT 3')",
      "maximum node count of 3"),
