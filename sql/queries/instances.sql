@@ -37,9 +37,9 @@ UPDATE df.nodes n
 SET status = u.status, result_text = u.result_text, result = u.result_text::jsonb,
     error = u.error, activation = u.activation, status_details = u.details,
     updated_at = now()
-FROM unnest(%(instance_ids)s::text[], %(ids)s::text[], %(statuses)s::text[],
-            %(results)s::text[], %(errors)s::text[], %(activations)s::bigint[],
-            %(details)s::jsonb[])
+FROM unnest(%(instance_ids)b::text[], %(ids)b::text[], %(statuses)b::text[],
+            %(results)b::text[], %(errors)b::text[], %(activations)b::bigint[],
+            %(details)b::jsonb[])
      AS u(instance_id, id, status, result_text, error, activation, details)
 WHERE n.instance_id = u.instance_id AND n.id = u.id;
 
@@ -51,16 +51,16 @@ SET status = u.status, names = u.names, inbox = u.inbox, execution_count = u.exe
                         ELSE i.completed_at END,
     finished_at = CASE WHEN u.status IN ('completed', 'failed', 'cancelled')
                        THEN coalesce(i.finished_at, now()) END
-FROM unnest(%(ids)s::text[], %(statuses)s::text[], %(names)s::jsonb[], %(inboxes)s::jsonb[],
-            %(execution_counts)s::int[], %(seqs)s::bigint[], %(waiters)s::jsonb[])
+FROM unnest(%(ids)b::text[], %(statuses)b::text[], %(names)b::jsonb[], %(inboxes)b::jsonb[],
+            %(execution_counts)b::int[], %(seqs)b::bigint[], %(waiters)b::jsonb[])
      AS u(id, status, names, inbox, execution_count, seq, waiters)
 WHERE i.id = u.id;
 
 -- name: mailbox_post_many
 -- Messages between members of a family (signals handed over, waits announced).
 INSERT INTO df.mailbox (instance_id, kind, node_id, activation, payload)
-SELECT * FROM unnest(%(instance_ids)s::text[], %(kinds)s::text[], %(node_ids)s::text[],
-                     %(activations)s::bigint[], %(payloads)s::text[]);
+SELECT * FROM unnest(%(instance_ids)b::text[], %(kinds)b::text[], %(node_ids)b::text[],
+                     %(activations)b::bigint[], %(payloads)b::text[]);
 
 -- name: instances_lock_quiet
 -- An executor carries these instances on where their steps just ran: lock those nobody else

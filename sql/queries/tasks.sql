@@ -4,8 +4,8 @@ INSERT INTO df.tasks (instance_id, node_id, activation, shard, kind, database, s
                       payload)
 SELECT u.instance_id, u.node_id, u.activation, u.shard, u.kind, i.database, i.submitted_by,
        u.payload
-FROM unnest(%(instance_ids)s::text[], %(node_ids)s::text[], %(activations)s::bigint[],
-            %(shards)s::int[], %(kinds)s::text[], %(payloads)s::json[])
+FROM unnest(%(instance_ids)b::text[], %(node_ids)b::text[], %(activations)b::bigint[],
+            %(shards)b::int[], %(kinds)b::text[], %(payloads)b::json[])
      AS u(instance_id, node_id, activation, shard, kind, payload)
 JOIN df.instances i ON i.id = u.instance_id;
 
@@ -13,7 +13,7 @@ JOIN df.instances i ON i.id = u.instance_id;
 -- Forget queued tasks and timers nobody waits for any more (node_id NULL: the whole
 -- instance). Tasks an executor holds right now are skipped: their late answers are fenced.
 WITH d AS (
-    SELECT * FROM unnest(%(instance_ids)s::text[], %(node_ids)s::text[]) AS d(instance_id, node_id)
+    SELECT * FROM unnest(%(instance_ids)b::text[], %(node_ids)b::text[]) AS d(instance_id, node_id)
 ),
 tasks AS (
     DELETE FROM df.tasks t
@@ -49,12 +49,12 @@ FOR UPDATE OF t SKIP LOCKED;
 -- Remove finished tasks and post their outcomes to the instances' mailboxes: one statement,
 -- committed with the steps themselves.
 WITH done AS (
-    DELETE FROM df.tasks WHERE id = ANY(%(task_ids)s::bigint[])
+    DELETE FROM df.tasks WHERE id = ANY(%(task_ids)b::bigint[])
 )
 INSERT INTO df.mailbox (instance_id, kind, node_id, activation, payload)
 SELECT u.instance_id, 'step', u.node_id, u.activation, u.payload
-FROM unnest(%(instance_ids)s::text[], %(node_ids)s::text[], %(activations)s::bigint[],
-            %(payloads)s::text[]) AS u(instance_id, node_id, activation, payload);
+FROM unnest(%(instance_ids)b::text[], %(node_ids)b::text[], %(activations)b::bigint[],
+            %(payloads)b::text[]) AS u(instance_id, node_id, activation, payload);
 
 -- name: task_mark_autocommit
 -- The statement cannot run in a transaction block: run it on its own later (at least once).
