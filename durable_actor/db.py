@@ -15,7 +15,8 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg import sql
+from psycopg import generators, pq, sql
+from psycopg.adapt import Transformer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 log = structlog.get_logger()
@@ -48,6 +49,39 @@ def pipeline(conn: psycopg.AsyncConnection[Any]) -> Any:
     if psycopg.AsyncPipeline.is_supported():
         return conn.pipeline()
     return contextlib.nullcontext()
+
+
+async def simple_query(conn: psycopg.AsyncConnection[Any],
+                       text: str) -> list[list[dict[str, Any]]]:
+    """Run `text`, one or more statements with their values as literals, in one round trip
+    of the simple query protocol; return each statement's rows as dicts (an empty list for
+    a statement without rows). Raises the first statement's error that failed: the
+    statements after it did not run.
+
+    psycopg's cursor costs about as much Python again per round trip as this; the runtime's
+    own round trips go through here.
+    """
+    pgconn = conn.pgconn
+    encoding = conn.info.encoding
+    async with conn.lock:
+        pgconn.send_query(text.encode(encoding))
+        results = await conn.wait(generators.execute(pgconn))
+    out: list[list[dict[str, Any]]] = []
+    loader = Transformer(conn)
+    for result in results:
+        if result.status == pq.ExecStatus.FATAL_ERROR:
+            raise psycopg.errors.error_from_result(result, encoding=encoding)
+        if result.status != pq.ExecStatus.TUPLES_OK:
+            out.append([])
+            continue
+        names = [(result.fname(i) or b"").decode(encoding) for i in range(result.nfields)]
+        loader.set_pgresult(result)
+        out.append(loader.load_rows(0, result.ntuples, _dict_row(names)))
+    return out
+
+
+def _dict_row(names: list[str]) -> Any:
+    return lambda values: dict(zip(names, values, strict=True))
 
 
 PREPARE_THRESHOLD = 2        # executions of a statement before it is prepared

@@ -230,13 +230,13 @@ class Executor(Loop):
         executor leaves the mail to the dispatcher, which takes it in larger batches.
         Returns how many steps ran."""
         async with self._transaction(conn), conn.cursor(row_factory=dict_row) as cur:
-            (claimed,) = await self._round_trip(cur, [_literal(
+            (claimed,) = await self._round_trip(conn, [_literal(
                 conn, q("instances_claim_with_mail"),
                 {"limit": CLAIM_GROUP, "scan": CLAIM_GROUP * 2})])
             if not claimed:
                 return 0
             ids = [r["id"] for r in claimed]
-            mail, loaded = await self._round_trip(cur, [
+            mail, loaded = await self._round_trip(conn, [
                 _literal(conn, q("mailbox_take_many"), {"ids": ids}),
                 _literal(conn, q("nodes_load_many"), {"ids": ids})])
             rows = {r["id"]: r for r in claimed}
@@ -268,10 +268,10 @@ class Executor(Loop):
                     # (below), and claimed tasks left unrun go back with the commit.
                     limit = min(CLAIM_GROUP if done else 1,
                                 self.settings.executor_batch - claimed)
-                    ready = await self._claim(cur, shards, taken, limit)
+                    ready = await self._claim(conn, shards, taken, limit)
                     if not ready and shards is self.mine and not done:
                         shards = self.all_shards    # own shards are empty: steal
-                        ready = await self._claim(cur, shards, taken, limit)
+                        ready = await self._claim(conn, shards, taken, limit)
                     if not ready:
                         break
                     taken.extend(t["id"] for t in ready)
@@ -292,14 +292,14 @@ class Executor(Loop):
             if done or stale:
                 claimed += await self._advance(conn, cur, done, stale, deadline,
                                                self.settings.executor_batch - claimed)
-            await self._round_trip(cur, [])     # nothing owed is left for the commit
+            await self._round_trip(conn, [])     # nothing owed is left for the commit
         return claimed
 
     # -- claiming ---------------------------------------------------------------------------
 
-    async def _claim(self, cur: psycopg.AsyncCursor[Any], shards: list[int],
+    async def _claim(self, conn: psycopg.AsyncConnection[Any], shards: list[int],
                      taken: list[int], limit: int) -> list[dict[str, Any]]:
-        (rows,) = await self._round_trip(cur, [_literal(cur.connection, q("tasks_claim"), {
+        (rows,) = await self._round_trip(conn, [_literal(conn, q("tasks_claim"), {
             "shards": shards, "claimed": taken, "limit": limit})])
         return rows
 
@@ -342,12 +342,11 @@ class Executor(Loop):
                 raise _Redo from exc
             raise
 
-    async def _round_trip(self, cur: psycopg.AsyncCursor[Any], statements: list[str], *,
-                          settle: bool = True) -> list[list[Any]]:
+    async def _round_trip(self, conn: psycopg.AsyncConnection[Any], statements: list[str], *,
+                          settle: bool = True) -> list[list[dict[str, Any]]]:
         """Run `statements` (values as literals: `_literal`) in one round trip, after the
-        last step's EPILOGUE if it is still owed and `settle` (`cur` is on the batch's
-        connection; its BEGIN goes first when still to be sent); return each statement's
-        rows.
+        last step's EPILOGUE if it is still owed and `settle` (on the batch's connection `conn`;
+        its BEGIN goes first when still to be sent); return each statement's rows.
 
         A step's clean-up thus travels with the runtime's next statement instead of costing
         a round trip of its own. Every statement of the batch after a step goes through
@@ -361,16 +360,11 @@ class Executor(Loop):
         if not text:
             return []
         try:
-            await cur.execute(text)   # no parameters: one simple query, many statements
+            results = await db.simple_query(conn, text)
         except Exception as exc:
             if owed:
                 raise _Redo from exc
             raise
-        results: list[list[Any]] = []
-        while True:
-            results.append(await cur.fetchall() if cur.description is not None else [])
-            if not cur.nextset():
-                break
         return results[len(results) - len(statements):]
 
     def _runs_outside(self, task: dict[str, Any]) -> bool:
@@ -395,7 +389,7 @@ class Executor(Loop):
         instance cancelled before it is not running any more and is not locked here.
         """
         ids = sorted({o.task["instance_id"] for o in done})
-        locked, loaded = await self._round_trip(cur, [    # the locks and the nodes
+        locked, loaded = await self._round_trip(conn, [    # the locks and the nodes
             _literal(conn, q("instances_lock_quiet"), {"ids": ids}),
             _literal(conn, q("nodes_load_many"), {"ids": ids})])
         rows = {r["id"]: r for r in locked}
@@ -603,12 +597,12 @@ class Executor(Loop):
         if known is None:
             statements.append(_literal(
                 conn,
-                "SELECT r.rolsuper OR r.rolname = current_user, r.oid,"
+                "SELECT r.rolsuper OR r.rolname = current_user AS trusted, r.oid AS role_oid,"
                 "       pg_catalog.to_regprocedure(pg_catalog.format("
-                "           'df_exec.%%I(text[], boolean)', 'step_' || r.oid))::pg_catalog.oid,"
-                + ("       df._setting('max_result_bytes')" if own_database else
-                   "       NULL::text") +
-                " FROM pg_catalog.pg_roles r WHERE r.rolname = %s", (task["role"],)))
+                "           'df_exec.%%I(text[], boolean)', 'step_' || r.oid))::pg_catalog.oid"
+                "         AS function_oid, "
+                + ("df._setting('max_result_bytes')" if own_database else "NULL::text") +
+                " AS max_bytes FROM pg_catalog.pg_roles r WHERE r.rolname = %s", (task["role"],)))
         statements.append(_literal(
             conn,
             "SELECT pg_catalog.set_config('df.instance_id', %s::text, true),"
@@ -620,8 +614,7 @@ class Executor(Loop):
                 conn, "SELECT pg_catalog.set_config('statement_timeout', %s::text, true)",
                 (f"{max(1, round(timeout * 1000))}ms",)))
         try:
-            async with conn.cursor() as cur:
-                results = await self._round_trip(cur, statements, settle=settle)
+            results = await self._round_trip(conn, statements, settle=settle)
         except psycopg.errors.InvalidParameterValue as exc:   # SET ROLE to a dropped role
             raise StepError(
                 f'SQL execution failed: role "{task["role"]}" does not exist') from exc
@@ -629,7 +622,8 @@ class Executor(Loop):
             rows = results[1 if savepoint else 0]
             if not rows:
                 raise StepError(f'SQL execution failed: role "{task["role"]}" does not exist')
-            known = self.roles[key] = tuple(rows[0])
+            known = self.roles[key] = tuple(rows[0][k] for k in (
+                "trusted", "role_oid", "function_oid", "max_bytes"))
         trusted, role_oid, function_oid, max_bytes = known
         limit = int(max_bytes) if max_bytes else None
         if trusted:
@@ -704,11 +698,10 @@ class Executor(Loop):
         seconds = self.settings.lease_seconds
         if task["kind"] == "http":   # the call may take its whole time-out
             seconds = max(seconds, http_step.timeout_of(task["payload"]) + http_step.LEASE_MARGIN)
-        await self._round_trip(cur, [])
-        await cur.execute(q("task_lease"), {"id": task["id"], "worker": self.worker_id,
-                                            "seconds": seconds})
-        row = await cur.fetchone()
-        return int(row["lease_token"]) if row else 0
+        (rows,) = await self._round_trip(cur.connection, [_literal(
+            cur.connection, q("task_lease"),
+            {"id": task["id"], "worker": self.worker_id, "seconds": seconds})])
+        return int(rows[0]["lease_token"]) if rows else 0
 
     async def _run_leased(self, conn: psycopg.AsyncConnection[Any], task: dict[str, Any],
                           token: int) -> None:
