@@ -1,5 +1,12 @@
 """Dispatcher: runs instance actors. I/O around the pure engine.
 
+Doorbell: df.start sends its NOTIFY only while a dispatcher sleeps (migration 0012 says why).
+A dispatcher whose round found nothing takes the doorbell lock (session level, without
+waiting), looks for mail once more and sleeps holding it; the first round that finds work lets
+it go. When it cannot take the doorbell, a start is committing (or another dispatcher sleeps
+with it): it looks again after DOORBELL_RETRY, then after twice as long each time, up to the
+idle poll interval.
+
 One batch, one transaction: lock up to `dispatcher_batch` instances that have mail
 (FOR UPDATE SKIP LOCKED, so an actor runs in one place at a time), take their messages, load
 their nodes, feed the messages through `engine.transition` in mailbox order, then write the
@@ -21,6 +28,8 @@ from durable_actor.config import Settings
 from durable_actor.loop import Loop
 from durable_actor.queries import q
 
+DOORBELL_RETRY = 0.01   # seconds until the first look after the doorbell could not be taken
+
 
 class Dispatcher(Loop):
     role = "dispatcher"
@@ -33,6 +42,29 @@ class Dispatcher(Loop):
     def __init__(self, settings: Settings, dsn: str, *, index: int = 0) -> None:
         super().__init__(settings, dsn, index=index)
         self.actors = actors.Actors(settings, self.log)
+        self.doorbell: psycopg.AsyncConnection[Any] | None = None   # holds the doorbell lock
+        self.doorbell_missed = 0     # tries in a row that found the doorbell taken
+
+    async def going_to_sleep(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        if self.doorbell is conn:
+            return True
+        (rows,) = await db.simple_query(
+            conn, "SELECT pg_catalog.pg_try_advisory_lock(df._doorbell()) AS taken")
+        if not rows[0]["taken"]:
+            self.doorbell_missed += 1
+            return True
+        self.doorbell, self.doorbell_missed = conn, 0
+        return False     # once more: mail committed before the doorbell was taken rang nobody
+
+    async def idle_timeout(self, conn: psycopg.AsyncConnection[Any]) -> float:
+        if self.doorbell is conn:
+            return self.idle_poll()
+        return float(min(self.idle_poll(), DOORBELL_RETRY * 2 ** min(self.doorbell_missed - 1, 10)))
+
+    async def busy(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if self.doorbell is conn:
+            self.doorbell = None
+            await db.simple_query(conn, "SELECT pg_catalog.pg_advisory_unlock(df._doorbell())")
 
     async def work_once(self, conn: psycopg.AsyncConnection[Any]) -> int:
         # In a pipeline: BEGIN goes with the claim, COMMIT with the last writes.

@@ -66,6 +66,13 @@ class Loop:
     async def idle_timeout(self, conn: psycopg.AsyncConnection[Any]) -> float:
         return self.idle_poll()
 
+    async def going_to_sleep(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """A round found nothing; False: do not wait, look again at once."""
+        return True
+
+    async def busy(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """A round found work."""
+
     def idle_poll(self) -> float:
         """The current idle wait: poll_interval, doubled per idle round, capped."""
         base = self.settings.poll_interval
@@ -100,6 +107,9 @@ class Loop:
                     if handled:
                         metrics.claimed(self.role, handled)
                         self.idle_rounds = 0
+                        await self.busy(self.conn)
+                        continue
+                    if not await self.going_to_sleep(self.conn):
                         continue
                     timeout = await self.idle_timeout(self.conn)
                     if await self._idle_wait(timeout, stop):

@@ -69,3 +69,56 @@ async def test_a_busy_executor_leaves_mail_to_the_dispatcher(
         "SELECT status FROM df.instances WHERE id = ANY(%s)", (ids,))).fetchall()
     assert statuses == [("completed",)] * 3
     assert await _one(aconn, "SELECT count(*) FROM df.tasks") == 0
+
+
+# -- the doorbell: df.start sends its NOTIFY only while a dispatcher sleeps ---------------------
+
+async def _notifications(listener: psycopg.AsyncConnection[Any],
+                         aconn: psycopg.AsyncConnection[Any]) -> list[str]:
+    """The df_mailbox payloads `listener` received until now (an 'end' sent last marks it)."""
+    await aconn.execute("SELECT pg_notify('df_mailbox', 'end')")
+    seen = []
+    async for n in listener.notifies():
+        if n.payload == "end":
+            return seen
+        seen.append(n.payload)
+    raise AssertionError("the notification stream ended")
+
+
+async def test_a_start_rings_only_a_sleeping_dispatcher(
+        fresh_dsn: str, aconn: psycopg.AsyncConnection[Any]) -> None:
+    dispatcher = Dispatcher(config.from_env({}), fresh_dsn)
+    async with await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn, \
+            await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as listener:
+        await listener.execute("LISTEN df_mailbox")
+        await _one(aconn, WORKFLOW)                          # nobody sleeps: no NOTIFY
+        assert await _notifications(listener, aconn) == []
+        # Going to sleep: it takes the doorbell and looks once more (the mail is there).
+        assert await dispatcher.going_to_sleep(dconn) is False
+        assert await dispatcher.work_once(dconn) == 1
+        await dispatcher.busy(dconn)                         # work: it lets go
+        assert await dispatcher.going_to_sleep(dconn) is False
+        assert await dispatcher.work_once(dconn) == 0
+        assert await dispatcher.going_to_sleep(dconn) is True   # sleeps holding the doorbell
+        await _one(aconn, WORKFLOW)
+        assert await _notifications(listener, aconn) == [""]
+        assert await dispatcher.work_once(dconn) == 1
+        await dispatcher.busy(dconn)
+        await _one(aconn, WORKFLOW)                          # busy again: no NOTIFY
+        assert await _notifications(listener, aconn) == []
+
+
+async def test_a_start_in_flight_keeps_the_dispatcher_from_sleeping(
+        fresh_dsn: str, aconn: psycopg.AsyncConnection[Any]) -> None:
+    """Its mail rang nobody: the dispatcher must not sleep before it sees the commit."""
+    dispatcher = Dispatcher(config.from_env({}), fresh_dsn)
+    async with await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn, \
+            await psycopg.AsyncConnection.connect(fresh_dsn) as starter:
+        await starter.execute(WORKFLOW)                      # not committed yet
+        assert await dispatcher.going_to_sleep(dconn) is True    # doorbell taken: not held
+        assert dispatcher.doorbell is None
+        first = await dispatcher.idle_timeout(dconn)
+        assert first <= 0.011                                # so it looks again soon
+        await starter.commit()
+        assert await dispatcher.going_to_sleep(dconn) is False   # now it holds it: once more
+        assert await dispatcher.work_once(dconn) == 1        # and finds the start
