@@ -19,10 +19,9 @@ import secrets
 import zlib
 from collections import defaultdict
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
-import psycopg
 import structlog
 
 from durable_actor import engine
@@ -37,6 +36,15 @@ def shard_of(instance_id: str, shards: int) -> int:
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+class Statements(Protocol):
+    """Where `Actors.write` sends its statements: a cursor (the dispatcher's, in a pipeline),
+    or the executor's literal statements that go with its COMMIT."""
+
+    async def execute(self, query: Any, params: Any = None) -> Any: ...
+
+    async def fetchall(self) -> list[Any]: ...
 
 
 def message_from_row(row: dict[str, Any], now: datetime) -> engine.Message | None:
@@ -85,7 +93,7 @@ def apply_mail(states: dict[str, engine.InstanceState], mail: list[dict[str, Any
     return out
 
 
-async def load(cur: psycopg.AsyncCursor[Any],
+async def load(cur: Statements,
                rows: list[dict[str, Any]]) -> dict[str, engine.InstanceState]:
     """The engine state of these locked instance rows (instances_claim_with_mail's columns)."""
     await cur.execute(q("nodes_load_many"), {"ids": [r["id"] for r in rows]})
@@ -109,7 +117,7 @@ class Actors:
         self.settings = settings
         self.log = log if log is not None else structlog.get_logger()
 
-    async def write(self, cur: psycopg.AsyncCursor[Any], states: dict[str, engine.InstanceState],
+    async def write(self, cur: Statements, states: dict[str, engine.InstanceState],
                     effects: list[tuple[str, engine.Effect]], rows: dict[str, dict[str, Any]],
                     now: datetime) -> None:
         """Answer the join collections, then persist states and effects. Callers run it in a
@@ -117,7 +125,7 @@ class Actors:
         await self._collect_joins(cur, states, effects, now)
         await self._persist(cur, list(states.values()), effects, rows)
 
-    async def _collect_joins(self, cur: psycopg.AsyncCursor[Any],
+    async def _collect_joins(self, cur: Statements,
                              states: dict[str, engine.InstanceState],
                              effects: list[tuple[str, engine.Effect]], now: datetime) -> None:
         """Answer CollectJoin effects with the branches' outcomes, until none is left."""
@@ -141,7 +149,7 @@ class Actors:
             effects.extend(more)
             wanted = [(iid, e) for iid, e in more if isinstance(e, engine.CollectJoin)]
 
-    async def _persist(self, cur: psycopg.AsyncCursor[Any], states: list[engine.InstanceState],
+    async def _persist(self, cur: Statements, states: list[engine.InstanceState],
                        effects: list[tuple[str, engine.Effect]],
                        rows: dict[str, dict[str, Any]]) -> None:
         nodes = [(s.id, s.node(nid)) for s in states for nid in sorted(s.changed)]
@@ -206,7 +214,7 @@ class Actors:
             self.log.info("instance_finished", instance_id=iid, status=e.status, error=e.error)
             await cur.execute("SELECT pg_notify('df_done', %s)", (iid,))
 
-    async def _children(self, cur: psycopg.AsyncCursor[Any],
+    async def _children(self, cur: Statements,
                         effects: list[tuple[str, engine.Effect]],
                         rows: dict[str, dict[str, Any]]) -> None:
         """Spawn, cancel and finish child instances; post messages between family members."""
@@ -264,7 +272,7 @@ class Actors:
                     "payloads": [m[4] for m in mail]})
             await cur.execute("SELECT pg_notify('df_mailbox', '')")
 
-    async def _spawn_rows(self, cur: psycopg.AsyncCursor[Any],
+    async def _spawn_rows(self, cur: Statements,
                           effects: list[tuple[str, engine.Effect]]) -> None:
         """FOREACH: drop finished nodes' stored rows, clear earlier runs' children, and
         start one child per row handed out."""
@@ -294,7 +302,7 @@ class Actors:
             "ids": ids, "parents": [k[0] for k in kids], "roots": [k[1].body for k in kids]})
         await cur.execute("SELECT pg_notify('df_mailbox', '')")
 
-    async def _fresh_ids(self, cur: psycopg.AsyncCursor[Any], count: int) -> list[str]:
+    async def _fresh_ids(self, cur: Statements, count: int) -> list[str]:
         """`count` unused instance ids (8 hex digits, as df.start makes them)."""
         ids: list[str] = []
         while len(ids) < count:

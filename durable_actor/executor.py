@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -131,8 +132,58 @@ class _Redo(Exception):
 
 def _literal(conn: psycopg.AsyncConnection[Any], query: str, params: Any) -> str:
     """`query` with `params` as correctly quoted literals, to go in a multi-statement round
-    trip (which cannot take parameters). Values never come from a step's statement text."""
+    trip (which cannot take parameters). Values never come from a step's statement text.
+
+    A list becomes the text of an array (`_array_text`), quoted as one string literal, and a
+    binary placeholder (``%(name)b``, for the dispatcher's pipeline) a text one: the query
+    casts each to its array type."""
+    if isinstance(params, dict):
+        params = {k: _array_text(v) if isinstance(v, list) else v for k, v in params.items()}
+        query = _BINARY_PLACEHOLDER.sub(r"%(\1)s", query)
     return psycopg.AsyncClientCursor(conn).mogrify(query, params).rstrip().rstrip(";")
+
+
+_BINARY_PLACEHOLDER = re.compile(r"%\((\w+)\)b")
+
+
+def _array_text(values: list[Any]) -> str:
+    """A one-dimensional array in PostgreSQL's input syntax: every element double-quoted with
+    its backslashes and double quotes escaped, NULL unquoted. Much faster than psycopg's text
+    dumper, which matches regular expressions per element."""
+    return "{" + ",".join(_array_element(v) for v in values) + "}"
+
+
+def _array_element(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, datetime):
+        value = value.isoformat()
+    if not isinstance(value, str):
+        raise TypeError(f"no array literal for {type(value).__name__}")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class _Writes:
+    """A batch's writes as literal statements (`_literal`), to go with its COMMIT in one round
+    trip (`Executor._commit`). A statement whose rows are wanted (`fetchall`: spawning and
+    joining children) goes at once, with those before it. Takes the place of the cursor that
+    `actors.Actors.write` writes with."""
+
+    def __init__(self, executor: Executor, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.executor, self.conn = executor, conn
+        self.pending: list[str] = []
+
+    async def execute(self, query: str, params: Any = None) -> None:
+        self.pending.append(query.rstrip().rstrip(";") if params is None
+                            else _literal(self.conn, query, params))
+
+    async def fetchall(self) -> list[dict[str, Any]]:
+        statements, self.pending = self.pending, []
+        return (await self.executor._round_trip(self.conn, statements))[-1]
 
 
 @dataclass(frozen=True)
@@ -245,8 +296,9 @@ class Executor(Loop):
             effects, ran = await self._carry(
                 conn, cur, rows, states, now, time.monotonic() + self.settings.batch_budget,
                 self.settings.executor_batch, actors.apply_mail(states, mail, now))
-            async with self._writes(conn, cur):
-                await self.actors.write(cur, states, effects, rows, now)
+            writes = _Writes(self, conn)
+            await self.actors.write(writes, states, effects, rows, now)
+            await self._commit(conn, writes)
         return ran
 
     async def _batch(self, conn: psycopg.AsyncConnection[Any],
@@ -306,7 +358,7 @@ class Executor(Loop):
     @contextlib.asynccontextmanager
     async def _transaction(self, conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
         """A batch's transaction on the (autocommit) connection: BEGIN goes with its first
-        round trip (`_round_trip`), COMMIT with its writes (`_writes`) or, without writes,
+        round trip (`_round_trip`), COMMIT with its writes (`_commit`) or, without writes,
         at the end; an exception rolls it back. Two round trips fewer than psycopg's."""
         self.begin = True
         try:
@@ -322,25 +374,11 @@ class Executor(Loop):
         if conn.info.transaction_status != pq.TransactionStatus.IDLE:
             await conn.execute("COMMIT")
 
-    @contextlib.asynccontextmanager
-    async def _writes(self, conn: psycopg.AsyncConnection[Any],
-                      cur: psycopg.AsyncCursor[Any]) -> AsyncIterator[None]:
-        """A pipeline for a batch's writes and its COMMIT, headed by the last step's EPILOGUE
-        if it is still owed (statement by statement: a pipeline takes no multi-statement
-        query). As with `_round_trip`, a failure after an EPILOGUE redoes the batch."""
-        assert not self.begin, "a batch's writes follow its first round trip"
-        owed, self.owed = self.owed, False
-        try:
-            async with db.pipeline(conn):
-                if owed:
-                    for statement in EPILOGUE.split("; "):
-                        await cur.execute(statement)
-                yield
-                await cur.execute("COMMIT")
-        except Exception as exc:
-            if owed:
-                raise _Redo from exc
-            raise
+    async def _commit(self, conn: psycopg.AsyncConnection[Any], writes: _Writes) -> None:
+        """A batch's writes and its COMMIT in one round trip (`_round_trip`: headed by the last
+        step's EPILOGUE if it is still owed; a failure after it redoes the batch)."""
+        await self._round_trip(conn, [*writes.pending, "COMMIT"])
+        writes.pending = []
 
     async def _round_trip(self, conn: psycopg.AsyncConnection[Any], statements: list[str], *,
                           settle: bool = True) -> list[list[dict[str, Any]]]:
@@ -401,18 +439,19 @@ class Executor(Loop):
             conn, cur, rows, states, now, deadline, steps_left,
             [(o.task["instance_id"], self._apply_step(states, o, now))
              for o in done if o.task["instance_id"] in rows])
-        async with self._writes(conn, cur):     # every write of the batch in one round trip
-            if rows:
-                await self.actors.write(cur, states, effects, rows, now)
-            await cur.execute(q("tasks_complete_many"), {
-                "task_ids": [o.task["id"] for o in done] + stale,
-                "instance_ids": [o.task["instance_id"] for o in mail],
-                "node_ids": [o.task["node_id"] for o in mail],
-                "activations": [o.task["activation"] for o in mail],
-                "payloads": [o.payload for o in mail],
-            })
-            if mail:
-                await cur.execute("SELECT pg_notify('df_mailbox', '')")
+        writes = _Writes(self, conn)    # every write of the batch in one round trip
+        if rows:
+            await self.actors.write(writes, states, effects, rows, now)
+        await writes.execute(q("tasks_complete_many"), {
+            "task_ids": [o.task["id"] for o in done] + stale,
+            "instance_ids": [o.task["instance_id"] for o in mail],
+            "node_ids": [o.task["node_id"] for o in mail],
+            "activations": [o.task["activation"] for o in mail],
+            "payloads": [o.payload for o in mail],
+        })
+        if mail:
+            await writes.execute("SELECT pg_notify('df_mailbox', '')")
+        await self._commit(conn, writes)
         return ran
 
     @staticmethod

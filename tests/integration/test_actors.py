@@ -122,3 +122,18 @@ async def test_a_start_in_flight_keeps_the_dispatcher_from_sleeping(
         await starter.commit()
         assert await dispatcher.going_to_sleep(dconn) is False   # now it holds it: once more
         assert await dispatcher.work_once(dconn) == 1        # and finds the start
+
+
+async def test_executor_literals_carry_any_text_exactly(
+        aconn: psycopg.AsyncConnection[Any]) -> None:
+    """The executor sends its writes as literals; arrays of text survive quoting exactly,
+    whatever standard_conforming_strings says."""
+    from durable_actor.executor import _literal
+
+    values = ['a', 'b"c', 'd\\e', None, "it's", 'x,y}{', '', 'NULL', 'ü€😀', 'a\nb\tc', '\\"\'']
+    for setting in ("on", "off"):
+        await aconn.execute(f"SET standard_conforming_strings = {setting}")
+        text = _literal(aconn, "SELECT %(v)b::text[] AS v, %(n)s::bigint[] AS n",
+                        {"v": values, "n": [1, None, 2**40]})
+        (rows,) = await db.simple_query(aconn, text)
+        assert rows == [{"v": values, "n": [1, None, 2**40]}]
