@@ -93,11 +93,14 @@ def apply_mail(states: dict[str, engine.InstanceState], mail: list[dict[str, Any
     return out
 
 
-async def load(cur: Statements,
-               rows: list[dict[str, Any]]) -> dict[str, engine.InstanceState]:
-    """The engine state of these locked instance rows (instances_claim_with_mail's columns)."""
-    await cur.execute(q("nodes_load_many"), {"ids": [r["id"] for r in rows]})
-    return states(rows, await cur.fetchall())
+def claimed(row: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                          list[dict[str, Any]]]:
+    """The instances, mail and nodes of instances_claim_with_mail's one row."""
+    instances, mail, nodes = (orjson.loads(row[k]) if row[k] else []
+                              for k in ("instances", "mail", "nodes"))
+    for instance in instances:
+        instance["now"] = datetime.fromisoformat(instance["now"])
+    return instances, mail, nodes
 
 
 def states(rows: list[dict[str, Any]],

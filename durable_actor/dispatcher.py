@@ -8,11 +8,11 @@ with it): it looks again after DOORBELL_RETRY, then after twice as long each tim
 idle poll interval.
 
 One batch, one transaction: lock up to `dispatcher_batch` instances that have mail
-(FOR UPDATE SKIP LOCKED, so an actor runs in one place at a time), take their messages, load
-their nodes, feed the messages through `engine.transition` in mailbox order, then write the
-changed nodes, the instance rows and the effects (tasks, timers, dropped work, child
-instances, messages to other instances; ``actors.py``) before committing. A crash anywhere
-before the commit leaves the mail in place for the next try.
+(FOR UPDATE SKIP LOCKED, so an actor runs in one place at a time), take their messages and
+load their nodes (one statement), feed the messages through `engine.transition` in mailbox
+order, then write the changed nodes, the instance rows and the effects (tasks, timers,
+dropped work, child instances, messages to other instances; ``actors.py``) before
+committing. A crash anywhere before the commit leaves the mail in place for the next try.
 """
 
 from __future__ import annotations
@@ -72,14 +72,14 @@ class Dispatcher(Loop):
                 conn.cursor(row_factory=dict_row) as cur:
             limit = self.settings.dispatcher_batch
             await cur.execute(q("instances_claim_with_mail"), {"limit": limit, "scan": limit * 2})
-            claimed = await cur.fetchall()
+            row = await cur.fetchone()
+            assert row is not None
+            claimed, mail, nodes = actors.claimed(row)
             if not claimed:
                 return 0
-            take = conn.cursor(row_factory=dict_row)    # the mail and the nodes: one round trip
-            await take.execute(q("mailbox_take_many"), {"ids": [r["id"] for r in claimed]})
-            states = await actors.load(cur, claimed)
+            states = actors.states(claimed, nodes)
             now: datetime = claimed[0]["now"]
-            decided = actors.apply_mail(states, await take.fetchall(), now)
+            decided = actors.apply_mail(states, mail, now)
             effects = [(iid, e) for iid, out in decided for e in out]
             await self.actors.write(cur, states, effects, {r["id"]: r for r in claimed}, now)
         return len(claimed)

@@ -281,15 +281,12 @@ class Executor(Loop):
         executor leaves the mail to the dispatcher, which takes it in larger batches.
         Returns how many steps ran."""
         async with self._transaction(conn), conn.cursor(row_factory=dict_row) as cur:
-            (claimed,) = await self._round_trip(conn, [_literal(
+            ((row,),) = await self._round_trip(conn, [_literal(
                 conn, q("instances_claim_with_mail"),
                 {"limit": CLAIM_GROUP, "scan": CLAIM_GROUP * 2})])
+            claimed, mail, loaded = actors.claimed(row)
             if not claimed:
                 return 0
-            ids = [r["id"] for r in claimed]
-            mail, loaded = await self._round_trip(conn, [
-                _literal(conn, q("mailbox_take_many"), {"ids": ids}),
-                _literal(conn, q("nodes_load_many"), {"ids": ids})])
             rows = {r["id"]: r for r in claimed}
             states = actors.states(claimed, loaded)
             now: datetime = claimed[0]["now"]
