@@ -107,14 +107,4 @@ BEGIN
     RETURN NEW;
 END $$;
 
--- Only the command trigger counts (as the schema owner): never granted.
-CREATE OR REPLACE FUNCTION df._internal_functions() RETURNS text[]
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT ARRAY['_command_start', '_command_signal', '_command_cancel', '_start_new',
-                 '_store_graph', '_check_submitter', '_visible_instance', '_loopback_conninfo',
-                 '_grant_usage_0003', '_revoke_usage_0003', '_install_step_function',
-                 '_drop_step_function', '_step_function_name', '_command_limits',
-                 '_unfinished_instances']
-$$;
-
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM PUBLIC;

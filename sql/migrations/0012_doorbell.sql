@@ -73,7 +73,8 @@ BEGIN
     RETURN c;
 END $$;
 
--- The runtime's alone: never granted.
+-- The runtime's alone, never granted: 0007's list, df._unfinished_instances (0011) and
+-- df._doorbell.
 CREATE OR REPLACE FUNCTION df._internal_functions() RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY['_command_start', '_command_signal', '_command_cancel', '_start_new',
