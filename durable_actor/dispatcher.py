@@ -3,9 +3,12 @@
 Doorbell: df.start sends its NOTIFY only while a dispatcher sleeps (migration 0012 says why).
 A dispatcher whose round found nothing takes the doorbell lock (session level, without
 waiting), looks for mail once more and sleeps holding it; the first round that finds work lets
-it go. When it cannot take the doorbell, a start is committing (or another dispatcher sleeps
-with it): it looks again after DOORBELL_RETRY, then after twice as long each time, up to the
-idle poll interval.
+it go. When it cannot take the doorbell, either another dispatcher sleeps with it (which is
+rung, and so is this one, on the same channel: it waits as any idle process does), or starts
+that have not committed yet hold it shared. Their mail will ring nobody, so it looks again
+after DOORBELL_RETRY, then after twice as long each time, up to DOORBELL_RETRY_MAX: a start
+left uncommitted in a long transaction costs the starts committed meanwhile at most that much
+latency.
 
 One batch, one transaction: lock up to `dispatcher_batch` instances that have mail
 (FOR UPDATE SKIP LOCKED, so an actor runs in one place at a time), take their messages and
@@ -28,7 +31,20 @@ from durable_actor.config import Settings
 from durable_actor.loop import Loop
 from durable_actor.queries import q
 
-DOORBELL_RETRY = 0.01   # seconds until the first look after the doorbell could not be taken
+DOORBELL_RETRY = 0.01       # seconds until the first look after the doorbell could not be taken
+DOORBELL_RETRY_MAX = 0.1    # ... and the longest wait while starts in flight hold it
+
+# Take the doorbell; if that fails, is it because another dispatcher sleeps with it?
+_RING = (
+    "SELECT pg_catalog.pg_try_advisory_lock(df._doorbell()) AS taken,"
+    " EXISTS (SELECT 1 FROM pg_catalog.pg_locks l"
+    "         WHERE l.locktype = 'advisory' AND l.mode = 'ExclusiveLock' AND l.granted"
+    "           AND l.pid <> pg_catalog.pg_backend_pid()"
+    "           AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d"
+    "                             WHERE d.datname = pg_catalog.current_database())"
+    "           AND l.classid = (df._doorbell() >> 32)::pg_catalog.oid"
+    "           AND l.objid = (df._doorbell() & 4294967295)::pg_catalog.oid"
+    "           AND l.objsubid = 1) AS sleeper")
 
 
 class Dispatcher(Loop):
@@ -48,18 +64,18 @@ class Dispatcher(Loop):
     async def going_to_sleep(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         if self.doorbell is conn:
             return True
-        (rows,) = await db.simple_query(
-            conn, "SELECT pg_catalog.pg_try_advisory_lock(df._doorbell()) AS taken")
+        (rows,) = await db.simple_query(conn, _RING)
         if not rows[0]["taken"]:
-            self.doorbell_missed += 1
+            self.doorbell_missed = 0 if rows[0]["sleeper"] else self.doorbell_missed + 1
             return True
         self.doorbell, self.doorbell_missed = conn, 0
         return False     # once more: mail committed before the doorbell was taken rang nobody
 
     async def idle_timeout(self, conn: psycopg.AsyncConnection[Any]) -> float:
-        if self.doorbell is conn:
+        if self.doorbell is conn or not self.doorbell_missed:
             return self.idle_poll()
-        return float(min(self.idle_poll(), DOORBELL_RETRY * 2 ** min(self.doorbell_missed - 1, 10)))
+        return float(min(self.idle_poll(), DOORBELL_RETRY_MAX,
+                         DOORBELL_RETRY * 2 ** min(self.doorbell_missed - 1, 10)))
 
     async def busy(self, conn: psycopg.AsyncConnection[Any]) -> None:
         if self.doorbell is conn:

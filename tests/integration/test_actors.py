@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from durable_actor import config, db
-from durable_actor.dispatcher import Dispatcher
+from durable_actor.dispatcher import DOORBELL_RETRY, DOORBELL_RETRY_MAX, Dispatcher
 from durable_actor.executor import Executor
 
 WORKFLOW = "SELECT df.start($$SELECT 1 AS a$$ |=> 'x' ~> $$SELECT $x.a + 1 AS b$$)"
@@ -117,8 +117,10 @@ async def test_a_start_in_flight_keeps_the_dispatcher_from_sleeping(
         await starter.execute(WORKFLOW)                      # not committed yet
         assert await dispatcher.going_to_sleep(dconn) is True    # doorbell taken: not held
         assert dispatcher.doorbell is None
-        first = await dispatcher.idle_timeout(dconn)
-        assert first <= 0.011                                # so it looks again soon
+        assert await dispatcher.idle_timeout(dconn) == DOORBELL_RETRY   # it looks again soon
+        for _ in range(8):                                   # a long transaction: still soon
+            assert await dispatcher.going_to_sleep(dconn) is True
+        assert await dispatcher.idle_timeout(dconn) == DOORBELL_RETRY_MAX
         await starter.commit()
         assert await dispatcher.going_to_sleep(dconn) is False   # now it holds it: once more
         assert await dispatcher.work_once(dconn) == 1        # and finds the start
@@ -137,3 +139,15 @@ async def test_executor_literals_carry_any_text_exactly(
                         {"v": values, "n": [1, None, 2**40]})
         (rows,) = await db.simple_query(aconn, text)
         assert rows == [{"v": values, "n": [1, None, 2**40]}]
+
+
+async def test_a_dispatcher_waits_as_usual_while_another_sleeps_with_the_doorbell(
+        fresh_dsn: str) -> None:
+    """Starts ring the sleeping one, and every dispatcher listens on the same channel."""
+    dispatcher = Dispatcher(config.from_env({}), fresh_dsn)
+    async with await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn, \
+            await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as other:
+        await other.execute("SELECT pg_advisory_lock(df._doorbell())")
+        assert await dispatcher.going_to_sleep(dconn) is True
+        assert dispatcher.doorbell is None
+        assert await dispatcher.idle_timeout(dconn) == dispatcher.idle_poll()
