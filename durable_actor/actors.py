@@ -123,8 +123,9 @@ class Actors:
     async def write(self, cur: Statements, states: dict[str, engine.InstanceState],
                     effects: list[tuple[str, engine.Effect]], rows: dict[str, dict[str, Any]],
                     now: datetime) -> None:
-        """Answer the join collections, then persist states and effects. Callers run it in a
-        pipeline (db.pipeline), so writes that need no answer share one round trip."""
+        """Answer the join collections, then persist states and effects, through `cur`: the
+        dispatcher's cursor in a pipeline, or the executor's literal statements that go with
+        its COMMIT. Either way, writes that need no answer share one round trip."""
         await self._collect_joins(cur, states, effects, now)
         await self._persist(cur, list(states.values()), effects, rows)
 

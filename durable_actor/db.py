@@ -58,7 +58,7 @@ async def simple_query(conn: psycopg.AsyncConnection[Any],
     a statement without rows). Raises the first statement's error that failed: the
     statements after it did not run.
 
-    psycopg's cursor costs about as much Python again per round trip as this; the runtime's
+    psycopg's cursor costs about as much Python again per round trip as this; the executor's
     own round trips go through here.
     """
     pgconn = conn.pgconn
