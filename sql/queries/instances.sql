@@ -27,13 +27,6 @@ SELECT (SELECT json_agg(c)::text FROM claimed c) AS instances,
                        n.error, n.activation, n.status_details, n.options
                   FROM df.nodes n WHERE n.instance_id IN (SELECT id FROM claimed)) n) AS nodes;
 
--- name: mailbox_drop_orphans
--- Mail for instances that no longer exist (pruned) would otherwise never be consumed.
-DELETE FROM df.mailbox m
-WHERE m.id IN (SELECT m2.id FROM df.mailbox m2
-               WHERE NOT EXISTS (SELECT 1 FROM df.instances i WHERE i.id = m2.instance_id)
-               LIMIT 1000);
-
 -- name: nodes_load_many
 SELECT instance_id, id, node_type, query, result_name, left_node, right_node, parent_node,
        position, status, result_text, error, activation, status_details, options
