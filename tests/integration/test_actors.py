@@ -7,6 +7,7 @@ which process takes the mail is decided by the test, not by a race.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -132,13 +133,21 @@ async def test_executor_literals_carry_any_text_exactly(
     whatever standard_conforming_strings says."""
     from durable_actor.executor import _literal
 
+    at = datetime(2026, 12, 4, 5, 6, 7, 89, tzinfo=UTC)
     values = ['a', 'b"c', 'd\\e', None, "it's", 'x,y}{', '', 'NULL', 'ü€😀', 'a\nb\tc', '\\"\'']
     for setting in ("on", "off"):
         await aconn.execute(f"SET standard_conforming_strings = {setting}")
-        text = _literal(aconn, "SELECT %(v)b::text[] AS v, %(n)s::bigint[] AS n",
-                        {"v": values, "n": [1, None, 2**40]})
+        text = _literal("SELECT %(v)b::text[] AS v, %(n)s::bigint[] AS n, %(s)s::text AS s,"
+                        " 1-%(i)s::int AS i, %(f)s::float8 AS f, %(b)s::bool AS b,"
+                        " %(z)s::text AS z, %(t)s::timestamptz AS t, '100%%' AS pct",
+                        {"v": values, "n": [1, None, 2**40], "s": values[-1], "i": -1,
+                         "f": -0.5, "b": False, "z": None, "t": at})
         (rows,) = await db.simple_query(aconn, text)
-        assert rows == [{"v": values, "n": [1, None, 2**40]}]
+        assert rows == [{"v": values, "n": [1, None, 2**40], "s": values[-1], "i": 2,
+                         "f": -0.5, "b": False, "z": None, "t": at, "pct": "100%"}]
+        for value in values:
+            (rows,) = await db.simple_query(aconn, _literal("SELECT %s::text AS v", (value,)))
+            assert rows == [{"v": value}]
 
 
 async def test_a_dispatcher_waits_as_usual_while_another_sleeps_with_the_doorbell(
