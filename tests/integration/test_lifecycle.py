@@ -116,6 +116,79 @@ def test_a_200_step_chain_is_399_rows(conn: Conn) -> None:
     assert one(conn, "SELECT count(*) FROM df.nodes WHERE instance_id = %s", i) == 399
 
 
+# A graph with every kind of child: extra branches, a condition, a loop, options, names.
+RICH = ("df.seq(df.as(df.join(VARIADIC ARRAY['SELECT 1 AS a', 'SELECT 2', 'SELECT 3']), 'j'),"
+        " df.if('SELECT true', df.timeout(df.retry('SELECT 4', 5), 2),"
+        " df.loop('SELECT 5', 'SELECT false')))")
+
+
+def stored_graph(conn: Conn, instance: str) -> list[tuple[Any, ...]]:
+    """An instance's node rows with ids replaced by positions (ids differ per instance)."""
+    rows = conn.execute("SELECT id, node_type, query, result_name, left_node, right_node,"
+                        " parent_node, position, options, status FROM df.nodes"
+                        " WHERE instance_id = %s ORDER BY position", (instance,)).fetchall()
+    at = {r[0]: r[7] for r in rows}
+    out = []
+    for r in rows:
+        query = r[2]
+        for node_id, position in at.items():
+            query = query.replace(f'"{node_id}"', f'"#{position}"') if query else query
+        out.append((r[1], query, r[3], at.get(r[4]), at.get(r[5]), at.get(r[6]), r[7], r[8],
+                    r[9]))
+    return out
+
+
+def test_a_session_stores_a_graph_it_just_started_from_its_template(conn: Conn) -> None:
+    """The first start walks the graph; the next ones of the same graph in the session store
+    the template it kept, with the same rows."""
+    conn.execute("RESET df.start_template")
+    conn.execute("SET track_functions = 'all'")
+    with conn.transaction():
+        first = one(conn, f"SELECT df.start({RICH})")
+        kept = one(conn, "SELECT current_setting('df.start_template')")
+        second = one(conn, f"SELECT df.start({RICH})")
+        walks = one(conn, "SELECT pg_stat_get_xact_function_calls("
+                          "'df._graph_template(jsonb)'::regprocedure)")
+    assert walks == 1
+    assert one(conn, "SELECT current_setting('df.start_template')") == kept
+    rows = stored_graph(conn, first)
+    assert len(rows) == 11 and stored_graph(conn, second) == rows
+    assert {r[0] for r in rows} == {"THEN", "JOIN", "SQL", "IF", "LOOP"}
+    assert any(r[7] for r in rows) and any(r[2] == "j" for r in rows)
+    root = one(conn, "SELECT root_node FROM df.instances WHERE id = %s", second)
+    assert one(conn, "SELECT position FROM df.nodes WHERE instance_id = %s AND id = %s",
+               second, root) == 0
+    other = one(conn, "SELECT df.start('SELECT 42')")             # another graph: walked
+    assert stored_graph(conn, other) == [("SQL", "SELECT 42", None, None, None, None, 0, None,
+                                          "pending")]
+    assert one(conn, "SELECT current_setting('df.start_template')") != kept
+
+
+def test_a_forged_template_is_not_used(conn: Conn) -> None:
+    """Any role may set df.start_template; without the schema owner's seal it is ignored."""
+    graph = "df.seq('SELECT 1', 'SELECT 2')"
+    one(conn, f"SELECT df.start({graph})")
+    kept = one(conn, "SELECT current_setting('df.start_template')")
+    forged = kept.replace("SELECT 2", "DROP TABLE victim")
+    assert forged != kept
+    conn.execute("SELECT set_config('df.start_template', %s, false)", (forged,))
+    i = one(conn, f"SELECT df.start({graph})")
+    assert [r[1] for r in stored_graph(conn, i)] == [None, "SELECT 1", "SELECT 2"]
+    assert one(conn, "SELECT current_setting('df.start_template')") == kept
+
+
+def test_a_kept_template_does_not_outlive_a_change_of_settings(conn: Conn) -> None:
+    graph = "df.seq('SELECT 1', 'SELECT 2')"
+    one(conn, f"SELECT df.start({graph})")
+    conn.execute("UPDATE df.settings SET value = '2' WHERE name = 'max_node_count'")
+    try:
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded,
+                           match="maximum node count of 2"):
+            conn.execute(f"SELECT df.start({graph})")
+    finally:
+        conn.execute("UPDATE df.settings SET value = '10000' WHERE name = 'max_node_count'")
+
+
 def test_insert_into_commands_by_hand_starts_an_instance(conn: Conn) -> None:
     i = one(conn, "INSERT INTO df.commands (command, graph, label)"
                   " VALUES ('start', df.seq('SELECT 1', 'SELECT 2'), 'by hand')"

@@ -34,7 +34,7 @@ T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 # -- building states the way df.start stores graphs ------------------------------------------
 
 def store(graph: dict[str, Any], **kw: Any) -> InstanceState:
-    """Flatten a graph JSON object into nodes, as df._store_graph does."""
+    """Flatten a graph JSON object into nodes, as df.start stores them (df._graph_template)."""
     rows: list[dict[str, Any]] = []
 
     def walk(node: dict[str, Any], parent: str | None) -> str:
