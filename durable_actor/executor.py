@@ -177,21 +177,21 @@ def _array_text(values: list[Any]) -> str:
     """A one-dimensional array in PostgreSQL's input syntax: every element double-quoted with
     its backslashes and double quotes escaped, NULL unquoted. Much faster than psycopg's text
     dumper, which matches regular expressions per element."""
-    return "{" + ",".join(_array_element(v) for v in values) + "}"
+    return "{" + ",".join(map(_array_element, values)) + "}"
 
 
 def _array_element(value: Any) -> str:
+    if isinstance(value, datetime):
+        value = value.isoformat()
+    if isinstance(value, str):        # most elements: ids, statuses, JSON texts
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if value is None:
         return "NULL"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, datetime):
-        value = value.isoformat()
-    if not isinstance(value, str):
-        raise TypeError(f"no array literal for {type(value).__name__}")
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"no array literal for {type(value).__name__}")
 
 
 class _Writes:
