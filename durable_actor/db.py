@@ -21,7 +21,6 @@ from psycopg import generators, pq, sql
 from psycopg.adapt import Transformer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import set_json_loads
-from psycopg.waiting import Ready, Wait
 
 log = structlog.get_logger()
 
@@ -88,59 +87,6 @@ def _dict_row(names: list[str]) -> Any:
     return lambda values: dict(zip(names, values, strict=True))
 
 
-class Connection(psycopg.AsyncConnection[Any]):
-    """An async connection that waits for the server's answer with less Python.
-
-    psycopg arms a 0.1 s timer for every wait (to notice Ctrl-C) and polls before each
-    write. The runtime's loops stop through their own events, and its statements are
-    small, so a wait for reading is one future and one reader callback here: some 25 µs
-    less per round trip, at several round trips per step. Any other wait, and any wait
-    with a time-out, goes psycopg's way.
-    """
-
-    async def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
-        if timeout is not None:
-            return await super().wait(gen, interval, timeout)
-        fileno = self.pgconn.socket
-        try:
-            state = next(gen)
-            loop = asyncio.get_running_loop()
-            while state == Wait.R:
-                answer = loop.create_future()
-                loop.add_reader(fileno, _wake, answer)
-                try:
-                    await answer
-                finally:
-                    loop.remove_reader(fileno)
-                state = gen.send(Ready.R)
-        except StopIteration as done:
-            return done.value
-        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
-            # Interrupted in the middle of a statement: psycopg would cancel it on the
-            # server; the runtime drops the connection instead (the server rolls back).
-            if self.pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
-                self.pgconn.finish()
-            raise
-        except OSError as exc:
-            raise psycopg.OperationalError("connection socket closed") from exc
-        return await super().wait(_resumed(state, gen), interval)
-
-
-def _wake(answer: asyncio.Future[None]) -> None:
-    if not answer.done():
-        answer.set_result(None)
-
-
-def _resumed(state: Any, gen: Any) -> Any:
-    """`gen`, which has just yielded `state`, as a generator that yields it again first."""
-    while True:
-        ready = yield state
-        try:
-            state = gen.send(ready)
-        except StopIteration as done:
-            return done.value
-
-
 PREPARE_THRESHOLD = 2        # executions of a statement before it is prepared
 
 
@@ -160,7 +106,7 @@ async def connect(dsn: str, *, role: str, autocommit: bool = False,
         given = conninfo_to_dict(dsn).get("options") or os.environ.get("PGOPTIONS") or ""
         dsn = make_conninfo(dsn, options=" ".join(
             [str(given), *(f"-c {name}={value}" for name, value in options.items())]).strip())
-    conn = await Connection.connect(
+    conn = await psycopg.AsyncConnection.connect(
         dsn, autocommit=autocommit, application_name=f"durable-actor {role}",
         prepare_threshold=PREPARE_THRESHOLD if prepare else None)
     set_json_loads(_json_loads, conn)
