@@ -201,16 +201,4 @@ END $$;
 
 DROP FUNCTION df._store_graph(text, jsonb, bigint, regrole, text);
 
--- The runtime's alone, never granted: 0007's list without df._store_graph,
--- df._unfinished_instances (0011), df._doorbell (0012) and this migration's functions.
-CREATE OR REPLACE FUNCTION df._internal_functions() RETURNS text[]
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT ARRAY['_command_start', '_command_signal', '_command_cancel', '_start_new',
-                 '_check_submitter', '_visible_instance', '_loopback_conninfo',
-                 '_grant_usage_0003', '_revoke_usage_0003', '_install_step_function',
-                 '_drop_step_function', '_step_function_name', '_command_limits',
-                 '_unfinished_instances', '_doorbell', '_graph_template', '_store_template',
-                 '_node_id', '_seal', '_start_template']
-$$;
-
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM PUBLIC;

@@ -47,12 +47,15 @@ WITH spawned AS (
 INSERT INTO df.mailbox (instance_id, kind) SELECT id, 'start' FROM spawned;
 
 -- name: children_copy_nodes
--- Each child gets a copy of its branch's nodes (same ids), pending.
+-- Each child gets a copy of its branch's nodes (same ids), pending. Only children that were
+-- made: foreach_spawn makes none for a row its FOREACH dropped in the same write (a row
+-- handed out and the FOREACH's failure decided in one round).
 INSERT INTO df.nodes (id, instance_id, node_type, query, result_name, left_node, right_node,
                       status, submitted_by, database, parent_node, position, options)
 WITH RECURSIVE branch(child, parent, id) AS (
     SELECT u.child, u.parent, u.root
     FROM unnest(%(ids)b::text[], %(parents)b::text[], %(roots)b::text[]) AS u(child, parent, root)
+    WHERE EXISTS (SELECT 1 FROM df.instances c WHERE c.id = u.child)
     UNION ALL
     SELECT b.child, b.parent, n.id
     FROM branch b JOIN df.nodes n ON n.instance_id = b.parent AND n.parent_node = b.id

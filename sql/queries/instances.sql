@@ -1,31 +1,10 @@
 -- name: instances_claim_with_mail
--- Lock up to %(limit)s instances that have mail, take their mail and read their nodes, in one
--- statement: everything the engine needs of them, as three JSON arrays (actors.claimed).
--- SKIP LOCKED: another process owns the rest for now; one actor runs in one place. Mail that
--- arrives after this statement's snapshot stays for the next round.
-WITH claimed AS MATERIALIZED (
-    SELECT i.id, i.root_node, i.status, i.label, i.vars, i.names, i.inbox, i.execution_count,
-           i.seq, i.parent_id, i.parent_node, i.parent_activation, i.branch_index,
-           i.family_root, i.waiters, i.database,
-           (SELECT r.rolname FROM pg_catalog.pg_roles r WHERE r.oid = i.submitted_by) AS role,
-           clock_timestamp() AS now
-    FROM df.instances i
-    WHERE i.id IN (SELECT DISTINCT m.instance_id FROM df.mailbox m LIMIT %(scan)s::int)
-    FOR UPDATE OF i SKIP LOCKED
-    LIMIT %(limit)s::int
-),
-taken AS (
-    DELETE FROM df.mailbox m USING claimed c
-    WHERE m.instance_id = c.id
-    RETURNING m.id, m.instance_id, m.kind, m.node_id, m.activation, m.payload
-)
-SELECT (SELECT json_agg(c)::text FROM claimed c) AS instances,
-       (SELECT json_agg(t)::text FROM taken t) AS mail,
-       (SELECT json_agg(n)::text
-          FROM (SELECT n.instance_id, n.id, n.node_type, n.query, n.result_name, n.left_node,
-                       n.right_node, n.parent_node, n.position, n.status, n.result_text,
-                       n.error, n.activation, n.status_details, n.options
-                  FROM df.nodes n WHERE n.instance_id IN (SELECT id FROM claimed)) n) AS nodes;
+-- Lock up to %(limit)s instances that have mail, take their mail and read their nodes
+-- (df._claim_with_mail: the nodes with a snapshot taken after the locks), in one round trip:
+-- everything the engine needs of them, as three JSON arrays (actors.claimed). SKIP LOCKED:
+-- another process owns the rest for now; one actor runs in one place. Mail that arrives
+-- after the claim stays for the next round.
+SELECT instances, mail, nodes FROM df._claim_with_mail(%(limit)s::int, %(scan)s::int);
 
 -- name: nodes_load_many
 SELECT instance_id, id, node_type, query, result_name, left_node, right_node, parent_node,

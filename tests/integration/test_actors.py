@@ -160,3 +160,19 @@ async def test_a_dispatcher_waits_as_usual_while_another_sleeps_with_the_doorbel
         assert await dispatcher.going_to_sleep(dconn) is True
         assert dispatcher.doorbell is None
         assert await dispatcher.idle_timeout(dconn) == dispatcher.idle_poll()
+
+
+async def test_nodes_are_copied_only_to_children_that_were_made(
+        aconn: psycopg.AsyncConnection[Any]) -> None:
+    """A FOREACH that hands out a row and fails in one round drops its rows before the spawn:
+    foreach_spawn makes no child for that row, and the copy of the body's nodes must not
+    insert nodes for it (it did, and the foreign key failed the whole write, every time)."""
+    from durable_actor.executor import _literal
+    from durable_actor.queries import q
+
+    parent = await _one(aconn, "SELECT df.start(df.seq('SELECT 1', 'SELECT 2'))")
+    root = await _one(aconn, "SELECT root_node FROM df.instances WHERE id = %s", parent)
+    (rows,) = await db.simple_query(aconn, _literal(
+        q("children_copy_nodes").rstrip().rstrip(";") + " RETURNING instance_id",
+        {"ids": ["0badc0de"], "parents": [parent], "roots": [root]}))
+    assert rows == []
