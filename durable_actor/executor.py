@@ -141,16 +141,12 @@ def _literal(query: str, params: dict[str, Any] | tuple[Any, ...] | list[Any]) -
     queries carries a cast, so a value goes as text: a list as the text of an array
     (`_array_text`), a timestamp in ISO form. About ten times cheaper than psycopg's
     client-side cursor, which the executor paid for on every statement."""
-    if isinstance(params, dict):
-        named = params
+    positional = iter(() if isinstance(params, dict) else params)
 
-        def value(m: re.Match[str]) -> str:
-            return "%" if m[2] is None else _quoted(named[m[1]])
-    else:
-        values = iter(params)
-
-        def value(m: re.Match[str]) -> str:
-            return "%" if m[2] is None else _quoted(next(values))
+    def value(m: re.Match[str]) -> str:
+        if m[2] is None:
+            return "%"
+        return _quoted(next(positional) if m[1] is None else params[m[1]])  # type: ignore[index]
     return _PLACEHOLDER.sub(value, query).rstrip().rstrip(";")
 
 
