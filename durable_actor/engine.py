@@ -413,7 +413,11 @@ def _apply_timer_fired(state: InstanceState, msg: TimerFired, effects: list[Effe
         _complete(state, node, {"signal_name": name, "timed_out": True, "data": None}, msg.now,
                   effects)
     elif node.type == "LOOP":
-        _start_iteration(state, node, msg.now, effects)
+        # The padding between iterations is over; a timer delivered again while the next
+        # iteration runs is stale (the loop keeps its activation across iterations).
+        if not any(state.node(part).status == "running"
+                   for part in (node.left, node.condition) if part is not None):
+            _start_iteration(state, node, msg.now, effects)
     elif node.type in STEP_KINDS:
         _retry_now(state, node, effects)
 

@@ -470,6 +470,21 @@ def test_loop_with_condition_pads_iterations_to_one_second() -> None:
     assert s.execution_count == 2   # a root loop's iteration is a new execution
 
 
+def test_a_loop_padding_timer_delivered_again_starts_no_second_iteration() -> None:
+    # The loop keeps its activation across iterations: its padding timer, delivered a second
+    # time while the iteration it started runs, must not start another one beside it.
+    s = store({"node_type": "LOOP", "left_node": sql("body")})
+    (body,) = steps(transition(s, Start(T0))[1])
+    (pad,) = [e for e in done(s, body, rows(1)) if isinstance(e, StartTimer)]
+    fired = TimerFired(pad.node_id, pad.activation, pad.due_at)
+    (body2,) = steps(transition(s, fired)[1])
+    assert transition(s, fired)[1] == []
+    assert s.root_node.details["iteration"] == 2
+    (pad2,) = [e for e in done(s, body2, rows(2), now=pad.due_at) if isinstance(e, StartTimer)]
+    (body3,) = steps(transition(s, TimerFired(pad2.node_id, pad2.activation, pad2.due_at))[1])
+    assert body3.activation > body2.activation
+
+
 def test_break_value_json_is_kept_as_json() -> None:
     s = store({"node_type": "LOOP", "left_node": {"node_type": "BREAK",
                                                   "query": '{"break_value":"{\\"a\\": 1}"}'}})
