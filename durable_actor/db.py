@@ -11,8 +11,10 @@ import contextlib
 import json
 import os
 import random
-from collections.abc import Iterable
-from typing import Any
+from collections import deque
+from collections.abc import Iterable, Sequence
+from functools import partial
+from typing import Any, NamedTuple
 
 import orjson
 import psycopg
@@ -81,6 +83,50 @@ async def simple_query(conn: psycopg.AsyncConnection[Any],
         loader.set_pgresult(result)
         out.append(loader.load_rows(0, result.ntuples, _dict_row(names)))
     return out
+
+
+class Statement(NamedTuple):
+    """One statement of `pipelined`: text, parameters as text (with their type OIDs, 0 for
+    unknown), and whether its rows come back in binary."""
+    text: bytes
+    values: Sequence[bytes | None] | None = None
+    types: Sequence[int] | None = None
+    binary: bool = False
+
+
+async def pipelined(conn: psycopg.AsyncConnection[Any],
+                    statements: Sequence[Statement]) -> list[pq.abc.PGresult]:
+    """Run `statements` in one round trip of the extended query protocol (libpq's pipeline
+    mode, one Sync at the end) and return one result for each, in order. An error does not
+    raise: its statement's result is FATAL_ERROR and those after it PIPELINE_ABORTED (they did
+    not run); inside a transaction block, the transaction is then aborted.
+
+    Unlike a multi-statement simple query, each statement is sent on its own, so a result or
+    an error belongs to exactly one statement, and one of them may take parameters.
+    """
+    pgconn = conn.pgconn
+    queue: deque[Any] = deque(
+        partial(pgconn.send_query_params, s.text, s.values,
+                param_types=s.types, result_format=pq.Format.BINARY if s.binary
+                else pq.Format.TEXT)
+        for s in statements)
+    queue.append(pgconn.pipeline_sync)
+    results: list[pq.abc.PGresult] = []
+    async with conn.lock:
+        pgconn.enter_pipeline_mode()
+        try:
+            for group in await conn.wait(generators.pipeline_communicate(pgconn, queue)):
+                results.extend(group)
+            while not results or results[-1].status != pq.ExecStatus.PIPELINE_SYNC:
+                results.extend(await conn.wait(generators.fetch_many(pgconn)))
+        except BaseException:
+            try:
+                pgconn.exit_pipeline_mode()
+            except psycopg.OperationalError:
+                pgconn.finish()    # interrupted with results unread: the session is lost
+            raise
+        pgconn.exit_pipeline_mode()
+    return results[:-1]
 
 
 def _dict_row(names: list[str]) -> Any:

@@ -16,6 +16,12 @@ longer than `batch_budget` is interrupted and rolled back to its savepoint, the 
 and the step runs again as the first of a batch of its own, where it may take as long as it
 needs.
 
+Steps that run directly (their role, looked up earlier in the batch, is a superuser or the
+runtime's own) and have no time-out of their own share round trips: the tasks claimed
+together, or the steps that follow on the instances carried on, go out as one libpq pipeline,
+each step with its savepoint, role, statement and clean-up (``_run_pipelined``). A step that
+fails there is rolled back with every step after it, which go out again.
+
 Carrying instances on
 ---------------------
 The finished steps' instances that have no mail waiting and that nobody else runs are locked
@@ -70,6 +76,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import re
 import time
@@ -84,7 +91,7 @@ from psycopg import pq
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
-from durable_actor import actors, db, engine, metrics
+from durable_actor import actors, db, engine, metrics, refs
 from durable_actor.config import Settings
 from durable_actor.errors import StepError
 from durable_actor.loop import Loop
@@ -96,12 +103,33 @@ from durable_actor.steps import sql as sql_step
 STEP_SAVEPOINT = "df_step"
 NON_TRANSACTIONAL = "25001"   # active_sql_transaction: "… cannot run inside a transaction block"
 QUERY_CANCELED = "57014"
+# Errors of a pipelined step's statement that send it to run on its own, where they are
+# handled: a parameter PostgreSQL cannot type (retyped as text), a statement that cannot run
+# in a transaction block (run outside one). Both are raised before the statement runs.
+RUN_ALONE = ("42P18", NON_TRANSACTIONAL)
 
 
 # What a step that succeeded leaves to do on the connection: undo what it may have left in the
 # session, take the runtime's role back, keep its writes. Sent with the runtime's next
 # statement (Executor._round_trip).
 EPILOGUE = f"{sql_step.CLEANUP}; RESET ROLE; RELEASE SAVEPOINT {STEP_SAVEPOINT}"
+
+
+# After a pipelined step (Executor._run_pipelined), as statements of their own: EPILOGUE but
+# the release (its savepoint stays open until the batch commits, so that a step found failed
+# once its rows are read can still be rolled back, with the steps after it).
+AFTER_STEP = [db.Statement(text.strip().encode())
+              for text in f"{sql_step.CLEANUP}; RESET ROLE".split(";")]
+STEP_STATEMENTS = 3 + len(AFTER_STEP)    # SAVEPOINT, _as_submitter, the step, AFTER_STEP
+
+
+def _as_submitter(task: dict[str, Any]) -> str:
+    """Set the step's instance id and role for the rest of its savepoint."""
+    return _literal(
+        "SELECT pg_catalog.set_config('df.instance_id', %s::text, true),"
+        "       CASE WHEN %s::text IS DISTINCT FROM current_user"
+        "            THEN pg_catalog.set_config('role', %s::text, true) END",
+        (task["instance_id"], task["role"], task["role"]))
 
 
 CLAIM_GROUP = 16             # tasks claimed together once a batch's first step has run
@@ -233,9 +261,10 @@ class Executor(Loop):
         self.mine = [s for s in range(settings.shards) if s % count == index % count]
         self.all_shards = list(range(settings.shards))
         self.listener.keep_payloads = True
-        self.current: dict[str, Any] | None = None
-        self.cancel_current = False
+        self.current: list[dict[str, Any]] = []     # the steps running now (_watch_cancels)
+        self.cancels: list[tuple[str, str]] = []   # (instance, node or "") asked for them
         self.cancel_sent_at = 0.0
+        self.savepoints = itertools.count()        # names of pipelined steps' savepoints
         self.batch_cut = False
         self.cut_request: asyncio.Task[None] | None = None
         self.database: str | None = None
@@ -332,35 +361,33 @@ class Executor(Loop):
             done: list[Outcome] = []
             shards = self.mine
             deadline = time.monotonic() + self.settings.batch_budget
-            ready: list[dict[str, Any]] = []
             while claimed < self.settings.executor_batch and time.monotonic() < deadline:
-                if not ready:
-                    # The first task alone: it may be slow, and tasks claimed with it would
-                    # wait for it. Later ones in groups; a slow one among them is cut short
-                    # (below), and claimed tasks left unrun go back with the commit.
-                    limit = min(CLAIM_GROUP if done else 1,
-                                self.settings.executor_batch - claimed)
+                # The first task alone: it may be slow, and tasks claimed with it would wait
+                # for it. Later ones in groups, run in one round trip where they can
+                # (`_run_steps`); a slow one among them is cut short, and claimed tasks left
+                # unrun go back with the commit.
+                limit = min(CLAIM_GROUP if done else 1, self.settings.executor_batch - claimed)
+                ready = await self._claim(conn, shards, taken, limit)
+                if not ready and shards is self.mine and not done:
+                    shards = self.all_shards    # own shards are empty: steal
                     ready = await self._claim(conn, shards, taken, limit)
-                    if not ready and shards is self.mine and not done:
-                        shards = self.all_shards    # own shards are empty: steal
-                        ready = await self._claim(conn, shards, taken, limit)
-                    if not ready:
-                        break
-                    taken.extend(t["id"] for t in ready)
-                task = ready.pop(0)
-                if task["instance_status"] != "running":
-                    stale.append(task["id"])     # cancelled or ended: nobody waits for it
-                    continue
-                claimed += 1
-                if self._runs_outside(task):
-                    token = await self._lease(cur, task)
-                    deferred.append((task, token))
-                    continue
-                outcome, cut = await self._run_step(conn, cur, task, others_wait=bool(done))
+                if not ready:
+                    break
+                taken.extend(t["id"] for t in ready)
+                steps = []
+                for task in ready:
+                    if task["instance_status"] != "running":
+                        stale.append(task["id"])     # cancelled or ended: nobody waits for it
+                        continue
+                    claimed += 1
+                    if self._runs_outside(task):
+                        deferred.append((task, await self._lease(cur, task)))
+                    else:
+                        steps.append(task)
+                outcomes, cut = await self._run_steps(conn, cur, steps, others_wait=bool(done))
+                done += [o for o in outcomes if o is not None]
                 if cut:
                     break      # interrupted: it stays queued and runs on its own
-                if outcome is not None:
-                    done.append(outcome)
             if done or stale:
                 claimed += await self._advance(conn, cur, done, stale, deadline,
                                                self.settings.executor_batch - claimed)
@@ -511,16 +538,13 @@ class Executor(Loop):
                         runnable.append((iid, e))
                     else:
                         effects.append((iid, e))
+            now_run = runnable[:steps_left] if time.monotonic() < deadline else []
+            outcomes, cut = await self._run_steps(
+                conn, cur, [_inline_task(rows[iid], e) for iid, e in now_run], others_wait=True)
+            ran += len(now_run)
+            steps_left = 0 if cut else steps_left - len(now_run)   # cut: the time is up
             finished: list[Outcome] = []
-            for iid, e in runnable:
-                outcome = None
-                if steps_left > 0 and time.monotonic() < deadline:
-                    steps_left -= 1
-                    outcome, cut = await self._run_step(
-                        conn, cur, _inline_task(rows[iid], e), others_wait=True)
-                    ran += 1
-                    if cut:
-                        steps_left = 0           # the batch's time is up
+            for (iid, e), outcome in itertools.zip_longest(runnable, outcomes):
                 if outcome is None:
                     effects.append((iid, e))     # queued as a task after all
                 else:
@@ -534,6 +558,176 @@ class Executor(Loop):
         return step.kind == "sql" and instance["database"] in (None, self.database)
 
     # -- in-transaction steps (exactly once) ---------------------------------------------------
+
+    async def _run_steps(self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any],
+                         tasks: list[dict[str, Any]], *, others_wait: bool
+                         ) -> tuple[list[Outcome | None], bool]:
+        """Run `tasks` (SQL steps in this database), in order, each in its savepoint; return
+        their outcomes (None: it runs again later, or did not run) and whether the batch was
+        cut short (then the rest did not run).
+
+        Steps that can share a round trip (`_pipelinable`) run pipelined (`_run_pipelined`);
+        the others one by one (`_run_step`). A step whose instance a cancel was asked for
+        during this call does not run.
+        """
+        outcomes: list[Outcome | None] = []
+        asked: list[tuple[str, str]] = []
+        cut = False
+        while len(outcomes) < len(tasks) and not cut:
+            rest = tasks[len(outcomes):]
+            if any(rest[0]["instance_id"] == i and n in ("", rest[0]["node_id"])
+                   for i, n in asked):
+                outcomes.append(None)
+                continue
+            group = self._pipelinable(conn, rest)
+            waiting = others_wait or any(outcomes)
+            if group:
+                got, cut = await self._run_pipelined(conn, cur, group, others_wait=waiting)
+            else:
+                outcome, cut = await self._run_step(conn, cur, rest[0], others_wait=waiting)
+                got = [outcome]
+            outcomes += got
+            asked += self.cancels
+        return outcomes + [None] * (len(tasks) - len(outcomes)), cut
+
+    def _pipelinable(self, conn: psycopg.AsyncConnection[Any], tasks: list[dict[str, Any]]
+                     ) -> list[tuple[dict[str, Any], refs.BoundSql]]:
+        """The longest run of `tasks`, from the first, that may share one round trip, each
+        with its bound statement: steps of a role already looked up in this batch and trusted
+        (its statement runs directly, `_enter_step`), without a time-out of their own (one is
+        told from a cancel by when its step started) and with a statement that binds. Not
+        after a redone batch (`eager`). The others run on their own (`_run_step`), which also
+        reports their errors."""
+        group: list[tuple[dict[str, Any], refs.BoundSql]] = []
+        if self.eager:
+            return group
+        for task in tasks:
+            known = self.roles.get((task["role"], True))
+            payload = task["payload"]
+            if known is None or not known[0] or step_timeout(payload) is not None:
+                break
+            try:
+                sql_step.check_not_transaction_control(payload["query"])
+                bound = sql_step.bind(conn, payload["query"], payload.get("results", {}))
+            except StepError:
+                break
+            group.append((task, bound))
+        return group
+
+    async def _run_pipelined(self, conn: psycopg.AsyncConnection[Any],
+                             cur: psycopg.AsyncCursor[Any],
+                             group: list[tuple[dict[str, Any], refs.BoundSql]], *,
+                             others_wait: bool) -> tuple[list[Outcome | None], bool]:
+        """Run the steps of `group` in one round trip (``db.pipelined``); return the outcomes
+        of those that ran, in order, and whether the batch was cut short.
+
+        Each step is: SAVEPOINT (a name of its own), `_as_submitter`, the statement, then
+        AFTER_STEP. Its savepoint is not released: when step k fails, in the database (the
+        steps after it did not run: the transaction was aborted) or once its rows are read
+        (an unsupported type, a result too large: the steps after it did run), ROLLBACK TO
+        its savepoint undoes it and all that came after; the outcomes returned end with k's,
+        and the caller runs the rest again. A statement error is reported by running the step
+        again on its own (`_run_step`), which tells every kind of error apart as it always
+        has; an error in AFTER_STEP fails the step, as `_epilogue_now` does. Nothing of a step
+        is kept unless it and its clean-up succeeded.
+
+        Headed by BEGIN and the last step's EPILOGUE when they are still owed (an error there
+        redoes the batch, as in `_round_trip`). When others wait for this batch, the round
+        trip is cut short after `batch_budget`, as a single step is (`_run_step`).
+        """
+        head = [db.Statement(b"BEGIN")] * self.begin
+        owed = self.owed
+        if owed:
+            head += [db.Statement(text.strip().encode()) for text in EPILOGUE.split(";")]
+        self.begin = self.owed = False
+        statements = list(head)
+        names = []
+        for task, bound in group:
+            names.append(f"df_step_{next(self.savepoints)}")
+            statements += [db.Statement(f"SAVEPOINT {names[-1]}".encode()),
+                           db.Statement(_as_submitter(task).encode()),
+                           sql_step.statement(conn, bound), *AFTER_STEP]
+        self.current, self.cancels = [task for task, _ in group], []
+        timer = None
+        if others_wait:
+            timer = asyncio.get_running_loop().call_later(self.settings.batch_budget,
+                                                          self._cut_batch)
+        started = time.monotonic()
+        try:
+            results = await db.pipelined(conn, statements)
+        finally:
+            self.current = []
+            if timer is not None:
+                timer.cancel()
+        cut = self.batch_cut
+        if cut:
+            self.batch_cut = False
+            if self.cut_request is not None:
+                await self.cut_request
+                self.cut_request = None
+        share = (time.monotonic() - started) / len(group)   # each step's part of the time
+        encoding = conn.info.encoding
+        failed = next((i for i, r in enumerate(results)
+                       if r.status == pq.ExecStatus.FATAL_ERROR), len(results))
+        error = None if failed == len(results) else psycopg.errors.error_from_result(
+            results[failed], encoding=encoding)
+        if error is not None:
+            state = error.sqlstate or ""
+            if failed < len(head) and owed:
+                raise _Redo from error
+            if failed < len(head) or (failed - len(head)) % STEP_STATEMENTS == 0 or \
+                    conn.broken or conn.closed or (
+                        state.startswith(("08", "57P")) and state != "08P01"):
+                raise error        # BEGIN, a SAVEPOINT, the connection: the batch fails
+        outcomes: list[Outcome | None] = []
+        for k, (task, _) in enumerate(group):
+            first = len(head) + k * STEP_STATEMENTS
+            begun = started + k * share
+            if failed >= first + STEP_STATEMENTS:     # it and its clean-up succeeded
+                limit = self.roles[(task["role"], True)][3]
+                metrics.step_started("sql")
+                try:
+                    result = await sql_step.encode(conn, results[first + 2])
+                    self._check_result_size(result, int(limit) if limit else None)
+                except StepError as exc:
+                    await self._undo_step(conn, names[k])
+                    outcomes.append(self._outcome(task, error=exc, started=begun))
+                    return outcomes, False
+                outcomes.append(self._outcome(task, result=result, started=begun))
+                continue
+            assert error is not None
+            await self._undo_step(conn, names[k])
+            outcome, cut = await self._pipelined_failure(
+                conn, cur, task, failed - first, error, begun, cut=cut, others_wait=others_wait)
+            outcomes.append(outcome)
+            return outcomes, cut
+        return outcomes, False
+
+    async def _pipelined_failure(self, conn: psycopg.AsyncConnection[Any],
+                                 cur: psycopg.AsyncCursor[Any], task: dict[str, Any], at: int,
+                                 error: psycopg.Error, started: float, *, cut: bool,
+                                 others_wait: bool) -> tuple[Outcome | None, bool]:
+        """The outcome of a pipelined step whose statement `at` (its SAVEPOINT is 0, its own
+        statement 2) failed with `error`, once it has been rolled back; and whether the batch
+        was cut short. As `_run_step`, or by it."""
+        state = error.sqlstate or ""
+        if at == 1 or (at == 2 and state in RUN_ALONE):
+            return await self._run_step(conn, cur, task, others_wait=others_wait)
+        metrics.step_started("sql")
+        if isinstance(error, psycopg.errors.QueryCanceled):
+            outcome = self._cancelled(task, StepError(
+                f"SQL execution failed: {str(error).strip()}", sqlstate=QUERY_CANCELED),
+                started, cut=cut)
+            return outcome, cut and outcome is None
+        message = error.diag.message_primary or str(error).strip()
+        return self._outcome(task, error=StepError(          # as run_sql and _epilogue_now
+            f"SQL execution failed: {message}", sqlstate=error.sqlstate,
+            retryable=at == 2 and state in ("40001", "40P01")), started=started), False
+
+    async def _undo_step(self, conn: psycopg.AsyncConnection[Any], savepoint: str) -> None:
+        """Roll a pipelined step back, with every step pipelined after it."""
+        await self._cleanup(conn, f"ROLLBACK TO SAVEPOINT {savepoint};"
+                                  f" RELEASE SAVEPOINT {savepoint}")
 
     async def _run_step(self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any],
                         task: dict[str, Any], *, others_wait: bool) -> tuple[Outcome | None, bool]:
@@ -567,7 +761,7 @@ class Executor(Loop):
                                 task: dict[str, Any]) -> Outcome | None:
         payload = task["payload"]
         timeout = step_timeout(payload)
-        self.current, self.cancel_current = task, False
+        self.current, self.cancels = [task], []
         started = time.monotonic()
         metrics.step_started(task["kind"])
         try:
@@ -606,33 +800,36 @@ class Executor(Loop):
         except psycopg.errors.QueryCanceled as exc:
             return self._cancelled(task, StepError(
                 f"SQL execution failed: {str(exc).strip()}", sqlstate=QUERY_CANCELED), started,
-                timeout)
+                timeout, cut=self.batch_cut)
         except StepError as exc:
             if exc.sqlstate == QUERY_CANCELED:
-                return self._cancelled(task, exc, started, timeout)
+                return self._cancelled(task, exc, started, timeout, cut=self.batch_cut)
             if exc.sqlstate == NON_TRANSACTIONAL:
                 if task["id"] is not None:    # a step run inline is queued, and marked then
                     await cur.execute(q("task_mark_autocommit"), {"id": task["id"]})
                 return None
             return self._outcome(task, error=exc, started=started)
         finally:
-            self.current = None
+            self.current = []
 
     def _cut_batch(self) -> None:
         conn = self.conn
-        if self.current is None or conn is None or conn.closed:
+        if not self.current or conn is None or conn.closed:
             return
         self.batch_cut = True
         self.cut_request = asyncio.create_task(conn.cancel_safe())
 
     def _cancelled(self, task: dict[str, Any], exc: StepError, started: float,
-                   timeout: float | None = None) -> Outcome | None:
-        if self.batch_cut and not self.cancel_current:
+                   timeout: float | None = None, *, cut: bool) -> Outcome | None:
+        """The outcome of a step whose statement was cancelled; `cut`: the batch was cut."""
+        asked = any(task["instance_id"] == instance and node in ("", task["node_id"])
+                    for instance, node in self.cancels)
+        if cut and not asked:
             return None   # cut short to commit the batch: it runs again on its own
-        if (timeout is not None and not self.cancel_current
+        if (timeout is not None and not asked
                 and time.monotonic() - started >= timeout - TIMEOUT_SLACK):
             return self._outcome(task, error=timed_out(timeout), started=started)
-        if not self.cancel_current and time.monotonic() - self.cancel_sent_at < 5.0:
+        if not asked and time.monotonic() - self.cancel_sent_at < 5.0:
             return None   # a cancel meant for another step hit this one: run it again
         return self._outcome(task, error=exc, started=started)
 
@@ -661,11 +858,7 @@ class Executor(Loop):
                 "         AS function_oid, "
                 + ("df._setting('max_result_bytes')" if own_database else "NULL::text") +
                 " AS max_bytes FROM pg_catalog.pg_roles r WHERE r.rolname = %s", (task["role"],)))
-        statements.append(_literal(
-            "SELECT pg_catalog.set_config('df.instance_id', %s::text, true),"
-            "       CASE WHEN %s::text IS DISTINCT FROM current_user"
-            "            THEN pg_catalog.set_config('role', %s::text, true) END",
-            (task["instance_id"], task["role"], task["role"])))
+        statements.append(_as_submitter(task))
         if timeout is not None:
             statements.append(_literal(
                 "SELECT pg_catalog.set_config('statement_timeout', %s::text, true)",
@@ -885,15 +1078,14 @@ class Executor(Loop):
             for channel, payload in self.listener.take_payloads():
                 if channel != "df_cancel" or not payload:
                     continue
-                task = self.current
-                if task is None:
-                    continue
                 instance, _, node = payload.partition(" ")
-                if task["instance_id"] == instance and (not node or node == task["node_id"]):
-                    self.cancel_current = True
+                hit = [t for t in self.current if t["instance_id"] == instance
+                       and node in ("", t["node_id"])]
+                if hit:
+                    self.cancels.append((instance, node))
                     self.cancel_sent_at = time.monotonic()
                     conn = self.conn
                     if conn is not None and not conn.closed:
                         self.log.info("step_cancel_requested", instance_id=instance,
-                                      node_id=task["node_id"])
+                                      node_id=hit[0]["node_id"])
                         await conn.cancel_safe()

@@ -60,10 +60,10 @@ import orjson
 import psycopg
 from psycopg import AsyncRawCursor, errors, generators, postgres, pq
 from psycopg.abc import Buffer
-from psycopg.adapt import AdaptersMap, Dumper, Loader
+from psycopg.adapt import AdaptersMap, Dumper, Loader, Transformer
 from psycopg.rows import tuple_row
 
-from durable_actor import refs
+from durable_actor import db, refs
 from durable_actor.errors import StepError
 
 SAVEPOINT = "durable_actor_bind"
@@ -100,12 +100,11 @@ async def run_sql(conn: psycopg.AsyncConnection[Any], query: str,
         psycopg.errors.QueryCanceled: the statement was cancelled (by the executor or a
             statement timeout); also errors that broke the connection.
     """
-    standard = conn.info.parameter_status("standard_conforming_strings") != "off"
-    bound = refs.bind_sql(query, results, standard_conforming_strings=standard)
+    bound = bind(conn, query, results)
     async with _StepCursor(conn, row_factory=tuple_row) as cur:
         try:
             await _execute(conn, cur, bound)
-            return await _encode(conn, cur)
+            return await encode(conn, cur.pgresult)
         except errors.QueryCanceled:
             raise
         except psycopg.Error as exc:
@@ -118,6 +117,22 @@ async def run_sql(conn: psycopg.AsyncConnection[Any], query: str,
             message = exc.diag.message_primary or str(exc).strip()
             raise StepError(f"SQL execution failed: {message}", sqlstate=exc.sqlstate,
                             retryable=exc.sqlstate in ("40001", "40P01")) from exc
+
+
+def bind(conn: psycopg.AsyncConnection[Any], query: str,
+         results: dict[str, Any]) -> refs.BoundSql:
+    """The step's statement with its references bound (``refs.bind_sql``) for `conn`."""
+    standard = conn.info.parameter_status("standard_conforming_strings") != "off"
+    return refs.bind_sql(query, results, standard_conforming_strings=standard)
+
+
+def statement(conn: psycopg.AsyncConnection[Any], bound: refs.BoundSql) -> db.Statement:
+    """`bound` as `run_sql` sends it, as one statement of ``db.pipelined``: the parameters as
+    text with their type OIDs, the rows in binary."""
+    encoding = _encoding(conn)
+    return db.Statement(bound.query.encode(encoding),
+                        [p.value.encode(encoding) for p in bound.params] or None,
+                        [_PARAM_OID[p.type] for p in bound.params] or None, binary=True)
 
 
 async def _execute(conn: psycopg.AsyncConnection[Any], cur: AsyncRawCursor[Any],
@@ -448,30 +463,48 @@ class _StepCursor(AsyncRawCursor[Any]):
         return _ADAPTERS
 
 
-async def _encode(conn: psycopg.AsyncConnection[Any], cur: AsyncRawCursor[Any],
-                  columns: list[_Column] | None = None) -> dict[str, Any]:
-    """The JSON result of `cur`'s rows; `columns` names and types them when it is given."""
-    description = cur.description
-    if description is None:                   # INSERT/UPDATE/DDL without RETURNING
-        return {"rows": [], "row_count": 0}
-    pgresult = cur.pgresult
-    if pgresult is not None and pgresult.ntuples > 0:
-        for i, column in enumerate(description):
-            oid = columns[i].oid if columns else column.type_code
+async def encode(conn: psycopg.AsyncConnection[Any], result: pq.abc.PGresult | None,
+                 columns: list[_Column] | None = None) -> dict[str, Any]:
+    """The JSON result of a statement's `result` (its rows in binary); `columns` names and
+    types them when it is given."""
+    if result is None or (not result.nfields and result.status != pq.ExecStatus.TUPLES_OK):
+        return {"rows": [], "row_count": 0}     # INSERT/UPDATE/DDL without RETURNING
+    encoding = conn.info.encoding
+    fields = range(result.nfields)
+    if result.ntuples > 0:
+        for i in fields:
+            oid = columns[i].oid if columns else result.ftype(i)
             if oid not in _LOADER_OIDS:
                 type_name = (columns[i].type_name if columns
-                             else await _type_name(conn, column.type_code))
-                name = columns[i].name if columns else column.name
+                             else await _type_name(conn, result.ftype(i)))
+                name = columns[i].name if columns else _field_name(result, i, encoding)
                 raise StepError(
                     f"Unsupported column type '{type_name}' for column '{name}'. "
                     f"Supported types: {SUPPORTED_TYPES}.")
-    names = [c.name for c in columns] if columns else [column.name for column in description]
+    names = [c.name for c in columns] if columns else [
+        _field_name(result, i, encoding) for i in fields]
+    loader = Transformer(_StepContext(conn))
     try:
-        records = await cur.fetchall()
+        loader.set_pgresult(result)
+        records = loader.load_rows(0, result.ntuples, tuple)
     except (ValueError, struct.error) as exc:
         raise StepError(f"SQL execution failed: could not read the result: {exc}") from exc
     rows = [dict(zip(names, record, strict=True)) for record in records]
     return {"rows": rows, "row_count": len(rows)}
+
+
+def _field_name(result: pq.abc.PGresult, i: int, encoding: str) -> str:
+    name = result.fname(i)
+    return name.decode(encoding) if name else f"column_{i + 1}"
+
+
+class _StepContext:
+    """What a Transformer adapts with for a step: our loaders only (as `_StepCursor`)."""
+
+    adapters = _ADAPTERS
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.connection = conn
 
 
 async def _type_name(conn: psycopg.AsyncConnection[Any], oid: int) -> str:
@@ -535,8 +568,7 @@ async def run_sql_confined(conn: psycopg.AsyncConnection[Any], query: str,
 
     Returns/Raises: as `run_sql`.
     """
-    standard = conn.info.parameter_status("standard_conforming_strings") != "off"
-    bound = refs.bind_sql(query, results, standard_conforming_strings=standard)
+    bound = bind(conn, query, results)
     try:
         bound, fields = await _prepare(conn, bound.query, bound)
         columns = await _columns(conn, fields)
@@ -558,7 +590,7 @@ async def run_sql_confined(conn: psycopg.AsyncConnection[Any], query: str,
                 await cur.execute(
                     f"SELECT * FROM {function}($1::pg_catalog.text[], true) AS t({coldefs})",
                     [values], binary=True, prepare=False)
-                return await _encode(conn, cur, columns)
+                return await encode(conn, cur.pgresult, columns)
             await cur.execute(
                 f"SELECT FROM {function}($1::pg_catalog.text[], false) AS t(x pg_catalog.int4)",
                 [values], prepare=False)

@@ -1,0 +1,176 @@
+"""Steps that share one round trip (Executor._run_pipelined): each keeps its own outcome.
+
+One executor and one dispatcher, driven round by round in this process on a real database, so
+which steps travel together is decided by the test: a batch's first task runs alone (it looks
+up the submitter's role), the tasks claimed after it go out in one pipeline. Every step writes
+its number to a ledger with a primary key, so a step that took effect twice, or kept the
+effect of a failed run, shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from durable_actor import config, db
+from durable_actor.dispatcher import Dispatcher
+from durable_actor.executor import Executor
+
+
+@pytest.fixture
+async def aconn(fresh_dsn: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async with await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as c:
+        await c.execute("CREATE TABLE pl_ledger (n int PRIMARY KEY)")
+        yield c
+
+
+def ledger_step(n: int) -> str:
+    return f"INSERT INTO pl_ledger VALUES ({n}) RETURNING n"
+
+
+class Run:
+    """Workflows started one per step text, then worked off by one executor and one
+    dispatcher; `groups` lists the instances of each pipeline, `cuts` those cut short."""
+
+    def __init__(self, dsn: str, aconn: psycopg.AsyncConnection[Any]) -> None:
+        self.dsn, self.aconn = dsn, aconn
+        self.groups: list[list[str]] = []
+        self.cuts = 0
+
+    async def __call__(self, workflows: list[str]) -> list[str]:
+        ids = []
+        for workflow in workflows:
+            row = await (await self.aconn.execute(f"SELECT df.start({workflow})")).fetchone()
+            assert row is not None
+            ids.append(row[0])
+        settings = config.from_env({})
+        executor = Executor(settings, self.dsn)
+        dispatcher = Dispatcher(settings, self.dsn)
+        original = executor._run_pipelined
+
+        async def recorded(conn: Any, cur: Any, group: Any, **kw: Any) -> Any:
+            self.groups.append([task["instance_id"] for task, _ in group])
+            outcomes, cut = await original(conn, cur, group, **kw)
+            self.cuts += cut
+            return outcomes, cut
+
+        executor._run_pipelined = recorded  # type: ignore[method-assign]
+        async with await db.connect(self.dsn, role="test executor", autocommit=True,
+                                    options=executor.connection_options()) as econn, \
+                await db.connect(self.dsn, role="test dispatcher", prepare=True) as dconn:
+            executor.idle = False           # the dispatcher takes the starts: tasks
+            executor.conn = econn           # the connection it cancels a statement on
+            for _ in range(100):
+                if not (await dispatcher.work_once(dconn) + await executor.work_once(econn)):
+                    break
+        return ids
+
+    async def statuses(self, ids: list[str]) -> list[tuple[str, str | None]]:
+        rows = []
+        for i in ids:
+            cur = await self.aconn.execute(
+                "SELECT i.status, (SELECT string_agg(n.error, '; ') FROM df.nodes n"
+                "                  WHERE n.instance_id = i.id) FROM df.instances i"
+                " WHERE i.id = %s", (i,))
+            rows.append(await cur.fetchone())
+        return rows  # type: ignore[return-value]
+
+    async def ledger(self) -> list[int]:
+        cur = await self.aconn.execute("SELECT n FROM pl_ledger ORDER BY n")
+        return [n for (n,) in await cur.fetchall()]
+
+
+@pytest.fixture
+def run(fresh_dsn: str, aconn: psycopg.AsyncConnection[Any]) -> Run:
+    return Run(fresh_dsn, aconn)
+
+
+FAILING = {
+    # the statement fails in the database: the steps after it did not run yet
+    "database error": (
+        "WITH x AS (INSERT INTO pl_ledger VALUES (3) RETURNING n) SELECT n / 0 AS v FROM x",
+        "SQL execution failed: division by zero"),
+    # the statement succeeded, its rows cannot be read: the steps after it ran already
+    "unsupported type": (
+        "WITH x AS (INSERT INTO pl_ledger VALUES (3) RETURNING n)"
+        " SELECT interval '1 day' * n AS v FROM x",
+        "Unsupported column type 'INTERVAL' for column 'v'"),
+    "result too large": (
+        "WITH x AS (INSERT INTO pl_ledger VALUES (3) RETURNING n)"
+        " SELECT repeat('x', 5000) AS v FROM x",
+        "SQL execution failed: the result is 5033 bytes of JSON; the maximum is 1000"),
+    # the step's clean-up fails (DISCARD TEMP under a cursor it left open)
+    "clean-up error": (
+        "SELECT open_over_temp()::text AS c",
+        'SQL execution failed: cannot DROP TABLE "held" because it is being used by active'
+        " queries in this session"),
+}
+
+
+@pytest.mark.parametrize("case", FAILING)
+async def test_a_failing_step_fails_alone_and_its_neighbours_take_effect_once(
+        run: Run, aconn: psycopg.AsyncConnection[Any], case: str) -> None:
+    await aconn.execute("UPDATE df.settings SET value = '1000' WHERE name = 'max_result_bytes'")
+    await aconn.execute("""CREATE FUNCTION open_over_temp() RETURNS refcursor
+                           LANGUAGE plpgsql AS $f$
+                           DECLARE c refcursor := 'left_open';
+                           BEGIN
+                               CREATE TEMP TABLE IF NOT EXISTS held (x int);
+                               INSERT INTO pl_ledger VALUES (3);
+                               OPEN c FOR SELECT * FROM held;
+                               RETURN c;
+                           END $f$""")
+    bad, error = FAILING[case]
+    steps = [ledger_step(1), ledger_step(2), bad, ledger_step(4), ledger_step(5),
+             ledger_step(6)]
+    ids = await run([f"$${s}$$" for s in steps])
+    assert any(ids[2] in group and group[-1] != ids[2] for group in run.groups), run.groups
+    statuses = await run.statuses(ids)
+    assert [s for s, _ in statuses] == ["completed"] * 2 + ["failed"] + ["completed"] * 3
+    assert statuses[2][1] is not None and statuses[2][1].startswith(error), statuses[2]
+    assert await run.ledger() == [1, 2, 4, 5, 6]
+    results = [await (await aconn.execute("SELECT df.result(%s)::jsonb", (i,))).fetchone()
+               for i in ids]
+    assert [r[0]["rows"] if r else None for k, r in enumerate(results) if k != 2] == [
+        [{"n": n}] for n in (1, 2, 4, 5, 6)]
+
+
+async def test_steps_carried_on_together_keep_their_order_and_results(
+        run: Run, aconn: psycopg.AsyncConnection[Any]) -> None:
+    # Second steps of three workflows go out together; one needs its parameter retyped
+    # (42P18: `$x.s IS NULL` cannot type an unknown), which only running it alone does.
+    workflows = [f"$$SELECT 'w{k}' AS s$$ |=> 'x' ~> $${ledger_step(k)}$$"
+                 f" ~> $$SELECT $x.s IS NULL AS missing, $x.s || '!' AS s$$" for k in (1, 2, 3)]
+    ids = await run(workflows)
+    assert max(map(len, run.groups)) >= 2, run.groups
+    assert [s for s, _ in await run.statuses(ids)] == ["completed"] * 3
+    for k, i in enumerate(ids, 1):
+        row = await (await aconn.execute("SELECT df.result(%s)::jsonb", (i,))).fetchone()
+        assert row is not None and row[0]["rows"] == [{"missing": False, "s": f"w{k}!"}]
+    assert await run.ledger() == [1, 2, 3]
+
+
+async def test_a_statement_that_cannot_run_in_a_transaction_leaves_the_pipeline(
+        run: Run, aconn: psycopg.AsyncConnection[Any]) -> None:
+    await aconn.execute("CREATE TABLE pl_vacuumed (x int)")
+    ids = await run([f"$${ledger_step(1)}$$", f"$${ledger_step(2)}$$",
+                     "$$VACUUM pl_vacuumed$$", f"$${ledger_step(4)}$$"])
+    assert any(ids[2] in group for group in run.groups), run.groups
+    assert [s for s, _ in await run.statuses(ids)] == ["completed"] * 4
+    assert await run.ledger() == [1, 2, 4]
+
+
+async def test_a_slow_step_among_others_is_cut_short_and_runs_again_alone(
+        run: Run, aconn: psycopg.AsyncConnection[Any]) -> None:
+    # A pipeline that outlasts the batch budget (0.05 s) while others wait for its commit is
+    # cut short: the step it cut runs again, as the first of a batch of its own.
+    # The first task of a batch runs alone; the fast one makes room for the slow ones.
+    slow = ("WITH x AS (INSERT INTO pl_ledger VALUES ({}) RETURNING n)"
+            " SELECT n, pg_sleep(0.2) AS s FROM x")
+    ids = await run([f"$${ledger_step(1)}$$", *(f"$${slow.format(k)}$$" for k in (2, 3, 4))])
+    assert run.cuts >= 1
+    assert [s for s, _ in await run.statuses(ids)] == ["completed"] * 4
+    assert await run.ledger() == [1, 2, 3, 4]
