@@ -109,18 +109,15 @@ QUERY_CANCELED = "57014"
 RUN_ALONE = ("42P18", NON_TRANSACTIONAL)
 
 
-# What a step that succeeded leaves to do on the connection: undo what it may have left in the
-# session, take the runtime's role back, keep its writes. Sent with the runtime's next
+# What a step leaves to do on the connection: undo what it may have left in the session and
+# take the runtime's role back.
+AFTER_STEP = [*(text.strip() for text in sql_step.CLEANUP.split(";")), "RESET ROLE"]
+# The same after a step that succeeded, keeping its writes. Sent with the runtime's next
 # statement (Executor._round_trip).
-EPILOGUE = f"{sql_step.CLEANUP}; RESET ROLE; RELEASE SAVEPOINT {STEP_SAVEPOINT}"
-
-
-# After a pipelined step (Executor._run_pipelined), as statements of their own: EPILOGUE but
-# the release (its savepoint stays open until the batch commits, so that a step found failed
-# once its rows are read can still be rolled back, with the steps after it).
-AFTER_STEP = [db.Statement(text.strip().encode())
-              for text in f"{sql_step.CLEANUP}; RESET ROLE".split(";")]
-STEP_STATEMENTS = 3 + len(AFTER_STEP)    # SAVEPOINT, _as_submitter, the step, AFTER_STEP
+EPILOGUE = [*AFTER_STEP, f"RELEASE SAVEPOINT {STEP_SAVEPOINT}"]
+# A pipelined step (Executor._run_pipelined): SAVEPOINT, _as_submitter, the step, AFTER_STEP.
+STEP_STATEMENTS = 3 + len(AFTER_STEP)
+PIPELINED_AFTER_STEP = [db.Statement(text.encode()) for text in AFTER_STEP]
 
 
 def _as_submitter(task: dict[str, Any]) -> str:
@@ -272,6 +269,7 @@ class Executor(Loop):
         self.roles: dict[tuple[str, bool], tuple[Any, ...]] = {}   # _enter_step, per batch
         self.owed = False    # the last step's EPILOGUE is still to be sent (_round_trip)
         self.begin = False   # BEGIN is still to be sent (_transaction, _round_trip)
+        self.unreleased: str | None = None   # savepoint still to be released (_head)
         self.eager = False   # after a redone batch: each step's EPILOGUE at once, as its own
         self.idle = True     # the last round found nothing to do: take mail (_take_mail)
         self.log = self.log.bind(executor=index)
@@ -407,7 +405,7 @@ class Executor(Loop):
         """A batch's transaction on the (autocommit) connection: BEGIN goes with its first
         round trip (`_round_trip`), COMMIT with its writes (`_commit`) or, without writes,
         at the end; an exception rolls it back. Two round trips fewer than psycopg's."""
-        self.begin = True
+        self.begin, self.unreleased = True, None
         try:
             yield
         except BaseException:
@@ -437,11 +435,8 @@ class Executor(Loop):
         a round trip of its own. Every statement of the batch after a step goes through
         here, or follows one that did, so the runtime never runs as the step's role.
         """
-        owed = settle and self.owed
-        begin = settle and self.begin
-        if settle:
-            self.owed = self.begin = False
-        text = ";\n".join(["BEGIN"] * begin + [EPILOGUE] * owed + statements)
+        head, owed = self._head() if settle else ([], False)
+        text = ";\n".join(head + statements)
         if not text:
             return []
         try:
@@ -451,6 +446,19 @@ class Executor(Loop):
                 raise _Redo from exc
             raise
         return results[len(results) - len(statements):]
+
+    def _head(self) -> tuple[list[str], bool]:
+        """What must go before the batch's next statement: BEGIN, the last step's EPILOGUE,
+        the release of the savepoints of pipelined steps known to have succeeded (each
+        nested level would cost every later visibility check in the transaction), as far as
+        they are still to be sent; and whether the EPILOGUE is among them."""
+        owed = self.owed
+        head = ["BEGIN"] * self.begin + EPILOGUE * owed
+        if self.unreleased is not None:
+            head.append(f"RELEASE SAVEPOINT {self.unreleased}")
+        self.begin = self.owed = False
+        self.unreleased = None
+        return head, owed
 
     def _runs_outside(self, task: dict[str, Any]) -> bool:
         return task["kind"] != "sql" or (
@@ -622,31 +630,29 @@ class Executor(Loop):
         of those that ran, in order, and whether the batch was cut short.
 
         Each step is: SAVEPOINT (a name of its own), `_as_submitter`, the statement, then
-        AFTER_STEP. Its savepoint is not released: when step k fails, in the database (the
-        steps after it did not run: the transaction was aborted) or once its rows are read
-        (an unsupported type, a result too large: the steps after it did run), ROLLBACK TO
-        its savepoint undoes it and all that came after; the outcomes returned end with k's,
-        and the caller runs the rest again. A statement error is reported by running the step
-        again on its own (`_run_step`), which tells every kind of error apart as it always
-        has; an error in AFTER_STEP fails the step, as `_epilogue_now` does. Nothing of a step
-        is kept unless it and its clean-up succeeded.
+        AFTER_STEP. Its savepoint is not released in this round trip: when step k fails, in
+        the database (the steps after it did not run: the transaction was aborted) or once
+        its rows are read (an unsupported type, a result too large: the steps after it did
+        run), ROLLBACK TO its savepoint undoes it and all that came after; the outcomes
+        returned end with k's, and the caller runs the rest again. The savepoints of the
+        steps kept are released with the next round trip (`_head`). A statement error is the
+        step's error, as in `run_sql`; one that only running the step alone can deal with
+        (RUN_ALONE, or setting its role) sends it to `_run_step`; an error in AFTER_STEP
+        fails the step, as `_epilogue_now` does. Nothing of a step is kept unless it and its
+        clean-up succeeded.
 
         Headed by BEGIN and the last step's EPILOGUE when they are still owed (an error there
         redoes the batch, as in `_round_trip`). When others wait for this batch, the round
         trip is cut short after `batch_budget`, as a single step is (`_run_step`).
         """
-        head = [db.Statement(b"BEGIN")] * self.begin
-        owed = self.owed
-        if owed:
-            head += [db.Statement(text.strip().encode()) for text in EPILOGUE.split(";")]
-        self.begin = self.owed = False
-        statements = list(head)
+        head, owed = self._head()
+        statements = [db.Statement(text.encode()) for text in head]
         names = []
         for task, bound in group:
             names.append(f"df_step_{next(self.savepoints)}")
             statements += [db.Statement(f"SAVEPOINT {names[-1]}".encode()),
                            db.Statement(_as_submitter(task).encode()),
-                           sql_step.statement(conn, bound), *AFTER_STEP]
+                           sql_step.statement(conn, bound), *PIPELINED_AFTER_STEP]
         self.current, self.cancels = [task for task, _ in group], []
         timer = None
         if others_wait:
@@ -690,17 +696,18 @@ class Executor(Loop):
                     result = await sql_step.encode(conn, results[first + 2])
                     self._check_result_size(result, int(limit) if limit else None)
                 except StepError as exc:
-                    await self._undo_step(conn, names[k])
+                    await self._undo_step(conn, names, k)
                     outcomes.append(self._outcome(task, error=exc, started=begun))
                     return outcomes, False
                 outcomes.append(self._outcome(task, result=result, started=begun))
                 continue
             assert error is not None
-            await self._undo_step(conn, names[k])
+            await self._undo_step(conn, names, k)
             outcome, cut = await self._pipelined_failure(
                 conn, cur, task, failed - first, error, begun, cut=cut, others_wait=others_wait)
             outcomes.append(outcome)
             return outcomes, cut
+        self.unreleased = names[0]
         return outcomes, False
 
     async def _pipelined_failure(self, conn: psycopg.AsyncConnection[Any],
@@ -724,10 +731,14 @@ class Executor(Loop):
             f"SQL execution failed: {message}", sqlstate=error.sqlstate,
             retryable=at == 2 and state in ("40001", "40P01")), started=started), False
 
-    async def _undo_step(self, conn: psycopg.AsyncConnection[Any], savepoint: str) -> None:
-        """Roll a pipelined step back, with every step pipelined after it."""
-        await self._cleanup(conn, f"ROLLBACK TO SAVEPOINT {savepoint};"
-                                  f" RELEASE SAVEPOINT {savepoint}")
+    async def _undo_step(self, conn: psycopg.AsyncConnection[Any], savepoints: list[str],
+                         k: int) -> None:
+        """Roll the pipelined step k back, with every step pipelined after it; the steps
+        before it are kept (their savepoints released with the next round trip)."""
+        await self._cleanup(conn, f"ROLLBACK TO SAVEPOINT {savepoints[k]};"
+                                  f" RELEASE SAVEPOINT {savepoints[k]}")
+        if k:
+            self.unreleased = savepoints[0]
 
     async def _run_step(self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any],
                         task: dict[str, Any], *, others_wait: bool) -> tuple[Outcome | None, bool]:
@@ -889,7 +900,7 @@ class Executor(Loop):
         """The step's EPILOGUE in a round trip of its own (after a redone batch); a clean-up
         that fails (say, DISCARD TEMP under a cursor the step left open) fails the step."""
         try:
-            await conn.execute(EPILOGUE)
+            await conn.execute("; ".join(EPILOGUE))
         except psycopg.errors.QueryCanceled:
             raise
         except psycopg.Error as exc:
