@@ -16,11 +16,12 @@ longer than `batch_budget` is interrupted and rolled back to its savepoint, the 
 and the step runs again as the first of a batch of its own, where it may take as long as it
 needs.
 
-Steps that run directly (their role, looked up earlier in the batch, is a superuser or the
-runtime's own) and have no time-out of their own share round trips: the tasks claimed
-together, or the steps that follow on the instances carried on, go out as one libpq pipeline,
-each step with its savepoint, role, statement and clean-up (``_run_pipelined``). A step that
-fails there is rolled back with every step after it, which go out again.
+Steps that run directly (their role was a superuser or the runtime's own when last looked up,
+and still is: checked by the statement that sets it) and have no time-out of their own share
+round trips: the tasks claimed together, or the steps that follow on the instances carried
+on, go out as one libpq pipeline, each step with its savepoint, role, statement and clean-up
+(``_run_pipelined``). A step that fails there is rolled back with every step after it, which
+go out again.
 
 Carrying instances on
 ---------------------
@@ -127,6 +128,23 @@ def _as_submitter(task: dict[str, Any]) -> str:
         "       CASE WHEN %s::text IS DISTINCT FROM current_user"
         "            THEN pg_catalog.set_config('role', %s::text, true) END",
         (task["instance_id"], task["role"], task["role"]))
+
+
+def _as_trusted_submitter(task: dict[str, Any]) -> str:
+    """`_as_submitter` for a pipelined step (Executor._pipelinable), whose role was trusted
+    when it was looked up last: fails (division by zero) unless it still exists and is a
+    superuser or the runtime's own role, checked before the role is set; returns
+    max_result_bytes."""
+    return _literal(
+        "SELECT df._setting('max_result_bytes') AS max_bytes,"
+        "       pg_catalog.set_config('df.instance_id', %s::text, true),"
+        "       CASE WHEN %s::text IS DISTINCT FROM current_user"
+        "            THEN pg_catalog.set_config('role', %s::text, true) END"
+        " FROM (SELECT 1 / coalesce((SELECT (r.rolsuper OR r.rolname = current_user)::int"
+        "                            FROM pg_catalog.pg_roles r WHERE r.rolname = %s), 0)"
+        "       AS trusted) AS g"
+        " WHERE g.trusted = 1",
+        (task["instance_id"], task["role"], task["role"], task["role"]))
 
 
 CLAIM_GROUP = 16             # tasks claimed together once a batch's first step has run
@@ -267,6 +285,7 @@ class Executor(Loop):
         self.database: str | None = None
         self.http = http_step.HttpCaller()
         self.roles: dict[tuple[str, bool], tuple[Any, ...]] = {}   # _enter_step, per batch
+        self.trusted: set[str] = set()   # roles trusted when last looked up (_pipelinable)
         self.owed = False    # the last step's EPILOGUE is still to be sent (_round_trip)
         self.begin = False   # BEGIN is still to be sent (_transaction, _round_trip)
         self.unreleased: str | None = None   # savepoint still to be released (_head)
@@ -601,18 +620,17 @@ class Executor(Loop):
     def _pipelinable(self, conn: psycopg.AsyncConnection[Any], tasks: list[dict[str, Any]]
                      ) -> list[tuple[dict[str, Any], refs.BoundSql]]:
         """The longest run of `tasks`, from the first, that may share one round trip, each
-        with its bound statement: steps of a role already looked up in this batch and trusted
-        (its statement runs directly, `_enter_step`), without a time-out of their own (one is
-        told from a cancel by when its step started) and with a statement that binds. Not
-        after a redone batch (`eager`). The others run on their own (`_run_step`), which also
-        reports their errors."""
+        with its bound statement: steps of a role found trusted when it was last looked up
+        (its statement runs directly, `_enter_step`; `_as_trusted_submitter` checks that it
+        still is), without a time-out of their own (one is told from a cancel by when its
+        step started) and with a statement that binds. Not after a redone batch (`eager`).
+        The others run on their own (`_run_step`), which also reports their errors."""
         group: list[tuple[dict[str, Any], refs.BoundSql]] = []
         if self.eager:
             return group
         for task in tasks:
-            known = self.roles.get((task["role"], True))
             payload = task["payload"]
-            if known is None or not known[0] or step_timeout(payload) is not None:
+            if task["role"] not in self.trusted or step_timeout(payload) is not None:
                 break
             try:
                 sql_step.check_not_transaction_control(payload["query"])
@@ -651,7 +669,7 @@ class Executor(Loop):
         for task, bound in group:
             names.append(f"df_step_{next(self.savepoints)}")
             statements += [db.Statement(f"SAVEPOINT {names[-1]}".encode()),
-                           db.Statement(_as_submitter(task).encode()),
+                           db.Statement(_as_trusted_submitter(task).encode()),
                            sql_step.statement(conn, bound), *PIPELINED_AFTER_STEP]
         self.current, self.cancels = [task for task, _ in group], []
         timer = None
@@ -690,7 +708,7 @@ class Executor(Loop):
             first = len(head) + k * STEP_STATEMENTS
             begun = started + k * share
             if failed >= first + STEP_STATEMENTS:     # it and its clean-up succeeded
-                limit = self.roles[(task["role"], True)][3]
+                limit = results[first + 1].get_value(0, 0)    # max_result_bytes
                 metrics.step_started("sql")
                 try:
                     result = await sql_step.encode(conn, results[first + 2])
@@ -886,6 +904,10 @@ class Executor(Loop):
             known = self.roles[key] = tuple(rows[0][k] for k in (
                 "trusted", "role_oid", "function_oid", "max_bytes"))
         trusted, role_oid, function_oid, max_bytes = known
+        if trusted and own_database:
+            self.trusted.add(task["role"])
+        else:
+            self.trusted.discard(task["role"])
         limit = int(max_bytes) if max_bytes else None
         if trusted:
             return _Step(None, limit)

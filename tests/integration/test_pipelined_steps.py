@@ -9,6 +9,7 @@ effect of a failed run, shows.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,23 +33,16 @@ def ledger_step(n: int) -> str:
 
 
 class Run:
-    """Workflows started one per step text, then worked off by one executor and one
-    dispatcher; `groups` lists the instances of each pipeline, `cuts` those cut short."""
+    """Workflows started, then worked off by one executor and one dispatcher (the same ones
+    at every call); `groups` lists the instances of each pipeline, `cuts` those cut short."""
 
     def __init__(self, dsn: str, aconn: psycopg.AsyncConnection[Any]) -> None:
         self.dsn, self.aconn = dsn, aconn
         self.groups: list[list[str]] = []
         self.cuts = 0
-
-    async def __call__(self, workflows: list[str]) -> list[str]:
-        ids = []
-        for workflow in workflows:
-            row = await (await self.aconn.execute(f"SELECT df.start({workflow})")).fetchone()
-            assert row is not None
-            ids.append(row[0])
         settings = config.from_env({})
-        executor = Executor(settings, self.dsn)
-        dispatcher = Dispatcher(settings, self.dsn)
+        self.executor = executor = Executor(settings, self.dsn)
+        self.dispatcher = Dispatcher(settings, self.dsn)
         original = executor._run_pipelined
 
         async def recorded(conn: Any, cur: Any, group: Any, **kw: Any) -> Any:
@@ -58,6 +52,19 @@ class Run:
             return outcomes, cut
 
         executor._run_pipelined = recorded  # type: ignore[method-assign]
+
+    async def __call__(self, workflows: list[str], role: str | None = None) -> list[str]:
+        ids = []
+        for workflow in workflows:
+            if role:
+                await self.aconn.execute(f'SET ROLE "{role}"')
+            try:
+                row = await (await self.aconn.execute(f"SELECT df.start({workflow})")).fetchone()
+            finally:
+                await self.aconn.execute("RESET ROLE")
+            assert row is not None
+            ids.append(row[0])
+        executor, dispatcher = self.executor, self.dispatcher
         async with await db.connect(self.dsn, role="test executor", autocommit=True,
                                     options=executor.connection_options()) as econn, \
                 await db.connect(self.dsn, role="test dispatcher", prepare=True) as dconn:
@@ -174,3 +181,29 @@ async def test_a_slow_step_among_others_is_cut_short_and_runs_again_alone(
     assert run.cuts >= 1
     assert [s for s, _ in await run.statuses(ids)] == ["completed"] * 4
     assert await run.ledger() == [1, 2, 3, 4]
+
+
+async def test_a_role_no_longer_trusted_runs_its_steps_confined_at_once(
+        run: Run, aconn: psycopg.AsyncConnection[Any]) -> None:
+    # The executor remembers which roles it found trusted (superusers) to send their steps
+    # pipelined; the statement that sets the role checks it again. A role demoted since must
+    # not run one statement directly: here, RESET ROLE would escape its step function.
+    role = f"pl_{uuid.uuid4().hex[:8]}"
+    await aconn.execute(f'CREATE ROLE "{role}" LOGIN SUPERUSER')
+    try:
+        ids = await run([f"$${ledger_step(1)}$$"], role=role)
+        assert role in run.executor.trusted
+        assert [s for s, _ in await run.statuses(ids)] == ["completed"]
+        await aconn.execute(f'ALTER ROLE "{role}" NOSUPERUSER')
+        await aconn.execute("SELECT df.grant_usage(%s)", (role,))
+        await aconn.execute(f'GRANT INSERT, SELECT ON pl_ledger TO "{role}"')
+        groups = len(run.groups)
+        ids = await run([f"$${ledger_step(2)}$$ ~> $$RESET ROLE$$"], role=role)
+        assert len(run.groups) > groups               # the step was sent pipelined first
+        assert role not in run.executor.trusted
+        ((status, error),) = await run.statuses(ids)
+        assert status == "failed" and error is not None and "security-definer" in error, error
+        assert await run.ledger() == [1, 2]
+    finally:
+        await aconn.execute(f'DROP OWNED BY "{role}" CASCADE')
+        await aconn.execute(f'DROP ROLE "{role}"')
