@@ -132,19 +132,11 @@ def _as_submitter(task: dict[str, Any]) -> str:
 
 def _as_trusted_submitter(task: dict[str, Any]) -> str:
     """`_as_submitter` for a pipelined step (Executor._pipelinable), whose role was trusted
-    when it was looked up last: fails (division by zero) unless it still exists and is a
+    when it was looked up last: ``df._as_trusted`` fails unless it still exists and is a
     superuser or the runtime's own role, checked before the role is set; returns
     max_result_bytes."""
-    return _literal(
-        "SELECT df._setting('max_result_bytes') AS max_bytes,"
-        "       pg_catalog.set_config('df.instance_id', %s::text, true),"
-        "       CASE WHEN %s::text IS DISTINCT FROM current_user"
-        "            THEN pg_catalog.set_config('role', %s::text, true) END"
-        " FROM (SELECT 1 / coalesce((SELECT (r.rolsuper OR r.rolname = current_user)::int"
-        "                            FROM pg_catalog.pg_roles r WHERE r.rolname = %s), 0)"
-        "       AS trusted) AS g"
-        " WHERE g.trusted = 1",
-        (task["instance_id"], task["role"], task["role"], task["role"]))
+    return _literal("SELECT df._as_trusted(%s::text, %s::text) AS max_bytes",
+                    (task["instance_id"], task["role"]))
 
 
 CLAIM_GROUP = 16             # tasks claimed together once a batch's first step has run
