@@ -658,10 +658,15 @@ class Executor(Loop):
         head, owed = self._head()
         statements = [db.Statement(text.encode()) for text in head]
         names = []
+        checked = {role for (role, own), known in self.roles.items() if own and known[0]}
         for task, bound in group:
+            # A role's first step in the batch checks that it is still trusted (a failed
+            # check aborts the rest); the look-up then holds for the batch, as `_enter_step`'s.
             names.append(f"df_step_{next(self.savepoints)}")
-            statements += [db.Statement(f"SAVEPOINT {names[-1]}".encode()),
-                           db.Statement(_as_trusted_submitter(task).encode()),
+            role = db.Statement((_as_submitter(task) if task["role"] in checked
+                                 else _as_trusted_submitter(task)).encode())
+            checked.add(task["role"])
+            statements += [db.Statement(f"SAVEPOINT {names[-1]}".encode()), role,
                            sql_step.statement(conn, bound), *PIPELINED_AFTER_STEP]
         self.current, self.cancels = [task for task, _ in group], []
         timer = None
@@ -700,7 +705,10 @@ class Executor(Loop):
             first = len(head) + k * STEP_STATEMENTS
             begun = started + k * share
             if failed >= first + STEP_STATEMENTS:     # it and its clean-up succeeded
-                limit = results[first + 1].get_value(0, 0)    # max_result_bytes
+                key = (task["role"], True)
+                if key not in self.roles:                     # _as_trusted_submitter's
+                    self.roles[key] = (True, None, None, results[first + 1].get_value(0, 0))
+                limit = self.roles[key][3]                    # max_result_bytes
                 metrics.step_started("sql")
                 try:
                     result = await sql_step.encode(conn, results[first + 2])
