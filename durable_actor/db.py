@@ -20,9 +20,11 @@ import orjson
 import psycopg
 import structlog
 from psycopg import generators, pq, sql
+from psycopg.abc import PQGen
 from psycopg.adapt import Transformer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import set_json_loads
+from psycopg.waiting import Wait
 
 log = structlog.get_logger()
 
@@ -111,14 +113,10 @@ async def pipelined(conn: psycopg.AsyncConnection[Any],
                 else pq.Format.TEXT)
         for s in statements)
     queue.append(pgconn.pipeline_sync)
-    results: list[pq.abc.PGresult] = []
     async with conn.lock:
         pgconn.enter_pipeline_mode()
         try:
-            for group in await conn.wait(generators.pipeline_communicate(pgconn, queue)):
-                results.extend(group)
-            while not results or results[-1].status != pq.ExecStatus.PIPELINE_SYNC:
-                results.extend(await conn.wait(generators.fetch_many(pgconn)))
+            results = await conn.wait(_send_and_read(pgconn, queue))
         except BaseException:
             try:
                 pgconn.exit_pipeline_mode()
@@ -127,6 +125,22 @@ async def pipelined(conn: psycopg.AsyncConnection[Any],
             raise
         pgconn.exit_pipeline_mode()
     return results[:-1]
+
+
+def _send_and_read(pgconn: pq.abc.PGconn, queue: deque[Any]) -> PQGen[list[pq.abc.PGresult]]:
+    """Send the queued commands of a pipeline, reading what comes back meanwhile, then read
+    on to the Sync's result: one wait for the whole round trip (psycopg's `fetch_many` takes
+    one per statement)."""
+    results = [r for group in (yield from generators.pipeline_communicate(pgconn, queue))
+               for r in group]
+    while not results or results[-1].status != pq.ExecStatus.PIPELINE_SYNC:
+        while pgconn.is_busy():
+            if (yield Wait.R):
+                pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is not None:             # None ends one statement's results
+            results.append(result)
+    return results
 
 
 def _dict_row(names: list[str]) -> Any:
