@@ -147,6 +147,14 @@ def _dict_row(names: list[str]) -> Any:
     return lambda values: dict(zip(names, values, strict=True))
 
 
+# The runtime's statements look rows up by key, a batch at a time (unnest of the batch's ids,
+# joined to a table by its primary key). Planned without statistics (fresh tables, or queue
+# tables that change faster than autovacuum analyzes them), such a join became a hash join
+# over a sequential scan of the whole table. Set on connections that run no step of a user
+# (the dispatcher's), and for the executor's writes, after its steps (Executor._commit).
+KEYED_PLANS = {"enable_hashjoin": "off", "enable_mergejoin": "off"}
+
+
 PREPARE_THRESHOLD = 2        # executions of a statement before it is prepared
 
 

@@ -55,6 +55,9 @@ class Dispatcher(Loop):
     # dispatcher does not wait: it claims again as soon as a round found mail.
     wake_delay = 0.003
 
+    def connection_options(self) -> dict[str, str]:
+        return dict(db.KEYED_PLANS)
+
     def __init__(self, settings: Settings, dsn: str, *, index: int = 0) -> None:
         super().__init__(settings, dsn, index=index)
         self.actors = actors.Actors(settings, self.log)

@@ -432,8 +432,10 @@ class Executor(Loop):
 
     async def _commit(self, conn: psycopg.AsyncConnection[Any], writes: _Writes) -> None:
         """A batch's writes and its COMMIT in one round trip (`_round_trip`: headed by the last
-        step's EPILOGUE if it is still owed; a failure after it redoes the batch)."""
-        await self._round_trip(conn, [*writes.pending, "COMMIT"])
+        step's EPILOGUE if it is still owed; a failure after it redoes the batch), planned as
+        key look-ups (db.KEYED_PLANS: no step runs after them in this transaction)."""
+        keyed = [f"SET LOCAL {name} = {value}" for name, value in db.KEYED_PLANS.items()]
+        await self._round_trip(conn, [*keyed, *writes.pending, "COMMIT"])
         writes.pending = []
 
     async def _round_trip(self, conn: psycopg.AsyncConnection[Any], statements: list[str], *,

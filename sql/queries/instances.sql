@@ -7,10 +7,14 @@
 SELECT instances, mail, nodes FROM df._claim_with_mail(%(limit)s::int, %(scan)s::int);
 
 -- name: nodes_load_many
-SELECT instance_id, id, node_type, query, result_name, left_node, right_node, parent_node,
-       position, status, result_text, error, activation, status_details, options
-FROM df.nodes
-WHERE instance_id = ANY(%(ids)s::text[]);
+-- The nodes of each instance through the index, whatever the statistics say: on a fresh
+-- table (or one that grew faster than autovacuum analyzes it) `instance_id = ANY(…)` was
+-- planned as a sequential scan of every node. OFFSET 0 keeps the per-instance look-up.
+SELECT n.instance_id, n.id, n.node_type, n.query, n.result_name, n.left_node, n.right_node,
+       n.parent_node, n.position, n.status, n.result_text, n.error, n.activation,
+       n.status_details, n.options
+FROM unnest(%(ids)s::text[]) AS u(id)
+CROSS JOIN LATERAL (SELECT * FROM df.nodes n WHERE n.instance_id = u.id OFFSET 0) AS n;
 
 -- name: nodes_update_many
 -- Write back the nodes the engine changed, in one statement.
