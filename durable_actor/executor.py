@@ -738,14 +738,15 @@ class Executor(Loop):
         statement 2) failed with `error`, once it has been rolled back; and whether the batch
         was cut short. As `_run_step`, or by it."""
         state = error.sqlstate or ""
-        if at == 1 or (at == 2 and state in RUN_ALONE):
-            return await self._run_step(conn, cur, task, others_wait=others_wait)
-        metrics.step_started("sql")
-        if isinstance(error, psycopg.errors.QueryCanceled):
+        if isinstance(error, psycopg.errors.QueryCanceled):   # wherever the cancel landed
+            metrics.step_started("sql")
             outcome = self._cancelled(task, StepError(
                 f"SQL execution failed: {str(error).strip()}", sqlstate=QUERY_CANCELED),
                 started, cut=cut)
             return outcome, cut and outcome is None
+        if at == 1 or (at == 2 and state in RUN_ALONE):
+            return await self._run_step(conn, cur, task, others_wait=others_wait)
+        metrics.step_started("sql")
         message = error.diag.message_primary or str(error).strip()
         return self._outcome(task, error=StepError(          # as run_sql and _epilogue_now
             f"SQL execution failed: {message}", sqlstate=error.sqlstate,
