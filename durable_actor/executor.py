@@ -110,15 +110,17 @@ QUERY_CANCELED = "57014"
 RUN_ALONE = ("42P18", NON_TRANSACTIONAL)
 
 
-# What a step leaves to do on the connection: undo what it may have left in the session and
-# take the runtime's role back.
-AFTER_STEP = [*(text.strip() for text in sql_step.CLEANUP.split(";")), "RESET ROLE"]
-# The same after a step that succeeded, keeping its writes. Sent with the runtime's next
+# What a step that succeeded leaves to do on the connection: undo what it may have left in
+# the session, take the runtime's role back, keep its writes. Sent with the runtime's next
 # statement (Executor._round_trip).
-EPILOGUE = [*AFTER_STEP, f"RELEASE SAVEPOINT {STEP_SAVEPOINT}"]
-# A pipelined step (Executor._run_pipelined): SAVEPOINT, _as_submitter, the step, AFTER_STEP.
-STEP_STATEMENTS = 3 + len(AFTER_STEP)
-PIPELINED_AFTER_STEP = [db.Statement(text.encode()) for text in AFTER_STEP]
+EPILOGUE = [*(text.strip() for text in sql_step.CLEANUP.split(";")), "RESET ROLE",
+            f"RELEASE SAVEPOINT {STEP_SAVEPOINT}"]
+# The same but the release, after a pipelined step (Executor._run_pipelined), whose role is
+# trusted: the role first (a trusted step may have set another one), then CLEANUP in one
+# call (df._after_step).
+PIPELINED_AFTER_STEP = [db.Statement(b"RESET ROLE"), db.Statement(b"SELECT df._after_step()")]
+# A pipelined step: SAVEPOINT, _as_submitter, the step, PIPELINED_AFTER_STEP.
+STEP_STATEMENTS = 3 + len(PIPELINED_AFTER_STEP)
 
 
 def _as_submitter(task: dict[str, Any]) -> str:
@@ -641,17 +643,17 @@ class Executor(Loop):
         """Run the steps of `group` in one round trip (``db.pipelined``); return the outcomes
         of those that ran, in order, and whether the batch was cut short.
 
-        Each step is: SAVEPOINT (a name of its own), `_as_submitter`, the statement, then
-        AFTER_STEP. Its savepoint is not released in this round trip: when step k fails, in
-        the database (the steps after it did not run: the transaction was aborted) or once
-        its rows are read (an unsupported type, a result too large: the steps after it did
-        run), ROLLBACK TO its savepoint undoes it and all that came after; the outcomes
-        returned end with k's, and the caller runs the rest again. The savepoints of the
-        steps kept are released with the next round trip (`_head`). A statement error is the
-        step's error, as in `run_sql`; one that only running the step alone can deal with
-        (RUN_ALONE, or setting its role) sends it to `_run_step`; an error in AFTER_STEP
-        fails the step, as `_epilogue_now` does. Nothing of a step is kept unless it and its
-        clean-up succeeded.
+        Each step is: SAVEPOINT (a name of its own), `_as_trusted_submitter` (or, once the
+        role is checked in this batch, `_as_submitter`), the statement, PIPELINED_AFTER_STEP.
+        Its savepoint is not released in this round trip: when step k fails, in the database
+        (the steps after it did not run: the transaction was aborted) or once its rows are
+        read (an unsupported type, a result too large: the steps after it did run), ROLLBACK
+        TO its savepoint undoes it and all that came after; the outcomes returned end with
+        k's, and the caller runs the rest again. The savepoints of the steps kept are released
+        with the next round trip (`_head`). A statement error is the step's error, as in
+        `run_sql`; one that only running the step alone can deal with (RUN_ALONE, or setting
+        its role) sends it to `_run_step`; an error after it fails the step, as
+        `_epilogue_now` does. Nothing of a step is kept unless it and its clean-up succeeded.
 
         Headed by BEGIN and the last step's EPILOGUE when they are still owed (an error there
         redoes the batch, as in `_round_trip`). When others wait for this batch, the round

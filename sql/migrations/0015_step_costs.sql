@@ -65,7 +65,21 @@ BEGIN
             FROM df.nodes n WHERE n.instance_id = u.id OFFSET 0) AS n;
 END $$;
 
--- The runtime's alone, never granted: 0014's list and df._as_trusted.
+-- After a pipelined step and its RESET ROLE, as the executor's CLEANUP does after any step, in
+-- one statement instead of five: what the statement may have left in the session goes
+-- (temporary objects, settings, cursors, prepared statements, session advisory locks).
+-- Nothing here resolves a name through search_path.
+CREATE FUNCTION df._after_step() RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    EXECUTE 'DISCARD TEMP';
+    EXECUTE 'RESET ALL';
+    EXECUTE 'CLOSE ALL';
+    EXECUTE 'DEALLOCATE ALL';
+    PERFORM pg_catalog.pg_advisory_unlock_all();
+END $$;
+
+-- The runtime's alone, never granted: 0014's list, df._as_trusted and df._after_step.
 CREATE OR REPLACE FUNCTION df._internal_functions() RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY['_command_start', '_command_signal', '_command_cancel', '_start_new',
@@ -73,7 +87,8 @@ LANGUAGE sql IMMUTABLE AS $$
                  '_grant_usage_0003', '_revoke_usage_0003', '_install_step_function',
                  '_drop_step_function', '_step_function_name', '_command_limits',
                  '_unfinished_instances', '_doorbell', '_graph_template', '_store_template',
-                 '_node_id', '_seal', '_start_template', '_claim_with_mail', '_as_trusted']
+                 '_node_id', '_seal', '_start_template', '_claim_with_mail', '_as_trusted',
+                 '_after_step']
 $$;
 
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM PUBLIC;
