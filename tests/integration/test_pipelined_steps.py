@@ -19,6 +19,7 @@ import pytest
 from durable_actor import config, db
 from durable_actor.dispatcher import Dispatcher
 from durable_actor.executor import Executor
+from durable_actor.steps.sql import CLEANUP
 
 
 @pytest.fixture
@@ -207,3 +208,19 @@ async def test_a_role_no_longer_trusted_runs_its_steps_confined_at_once(
     finally:
         await aconn.execute(f'DROP OWNED BY "{role}" CASCADE')
         await aconn.execute(f'DROP ROLE "{role}"')
+
+
+async def test_the_clean_up_in_one_call_is_the_executors_clean_up(
+        aconn: psycopg.AsyncConnection[Any]) -> None:
+    # df._after_step runs CLEANUP after a pipelined step; the two must not drift apart.
+    cur = await aconn.execute("SELECT prosrc FROM pg_catalog.pg_proc"
+                              " WHERE oid = 'df._after_step()'::pg_catalog.regprocedure")
+    row = await cur.fetchone()
+    assert row is not None
+    body = row[0]
+    for statement in (s.strip() for s in CLEANUP.split(";")):
+        if statement.startswith("SELECT "):
+            assert f"PERFORM {statement.removeprefix('SELECT ')}" in body, statement
+        else:
+            assert f"EXECUTE '{statement}'" in body, statement
+    assert body.count("EXECUTE") + body.count("PERFORM") == len(CLEANUP.split(";"))
