@@ -141,6 +141,12 @@ def _as_trusted_submitter(task: dict[str, Any]) -> str:
                     (task["instance_id"], task["role"]))
 
 
+def _asked(task: dict[str, Any], cancels: list[tuple[str, str]]) -> bool:
+    """Is a cancel among `cancels` ((instance, node or "") of df_cancel) meant for `task`?"""
+    return any(task["instance_id"] == instance and node in ("", task["node_id"])
+               for instance, node in cancels)
+
+
 CLAIM_GROUP = 16             # tasks claimed together once a batch's first step has run
 TIMEOUT_SLACK = 0.05          # seconds: a cancel this close to the time-out is the time-out
 
@@ -154,6 +160,11 @@ def step_timeout(payload: dict[str, Any]) -> float | None:
 def timed_out(seconds: float) -> StepError:
     return StepError(f"SQL execution failed: statement timeout after {seconds:g}s",
                      sqlstate=QUERY_CANCELED)
+
+
+def cancelled(exc: psycopg.Error) -> StepError:
+    """A step's statement cancelled (by a cancel, a time-out or a cut: `_cancelled` tells)."""
+    return StepError(f"SQL execution failed: {str(exc).strip()}", sqlstate=QUERY_CANCELED)
 
 
 def _inline_task(instance: dict[str, Any], step: engine.RunStep) -> dict[str, Any]:
@@ -598,8 +609,7 @@ class Executor(Loop):
         cut = False
         while len(outcomes) < len(tasks) and not cut:
             rest = tasks[len(outcomes):]
-            if any(rest[0]["instance_id"] == i and n in ("", rest[0]["node_id"])
-                   for i, n in asked):
+            if _asked(rest[0], asked):
                 outcomes.append(None)
                 continue
             group = self._pipelinable(conn, rest)
@@ -673,23 +683,13 @@ class Executor(Loop):
             statements += [db.Statement(f"SAVEPOINT {names[-1]}".encode()), role,
                            sql_step.statement(conn, bound), *PIPELINED_AFTER_STEP]
         self.current, self.cancels = [task for task, _ in group], []
-        timer = None
-        if others_wait:
-            timer = asyncio.get_running_loop().call_later(self.settings.batch_budget,
-                                                          self._cut_batch)
         started = time.monotonic()
         try:
-            results = await db.pipelined(conn, statements)
+            async with self._budget(others_wait):
+                results = await db.pipelined(conn, statements)
         finally:
             self.current = []
-            if timer is not None:
-                timer.cancel()
-        cut = self.batch_cut
-        if cut:
-            self.batch_cut = False
-            if self.cut_request is not None:
-                await self.cut_request
-                self.cut_request = None
+        cut = await self._was_cut()
         share = (time.monotonic() - started) / len(group)   # each step's part of the time
         encoding = conn.info.encoding
         failed = next((i for i, r in enumerate(results)
@@ -697,12 +697,10 @@ class Executor(Loop):
         error = None if failed == len(results) else psycopg.errors.error_from_result(
             results[failed], encoding=encoding)
         if error is not None:
-            state = error.sqlstate or ""
             if failed < len(head) and owed:
                 raise _Redo from error
             if failed < len(head) or (failed - len(head)) % STEP_STATEMENTS == 0 or \
-                    conn.broken or conn.closed or (
-                        state.startswith(("08", "57P")) and state != "08P01"):
+                    sql_step.session_lost(conn, error):
                 raise error        # BEGIN, a SAVEPOINT, the connection: the batch fails
         outcomes: list[Outcome | None] = []
         for k, (task, _) in enumerate(group):
@@ -739,27 +737,21 @@ class Executor(Loop):
         """The outcome of a pipelined step whose statement `at` (its SAVEPOINT is 0, its own
         statement 2) failed with `error`, once it has been rolled back; and whether the batch
         was cut short. As `_run_step`, or by it."""
-        state = error.sqlstate or ""
         if isinstance(error, psycopg.errors.QueryCanceled):   # wherever the cancel landed
             metrics.step_started("sql")
-            outcome = self._cancelled(task, StepError(
-                f"SQL execution failed: {str(error).strip()}", sqlstate=QUERY_CANCELED),
-                started, cut=cut)
+            outcome = self._cancelled(task, cancelled(error), started, cut=cut)
             return outcome, cut and outcome is None
-        if at == 1 or (at == 2 and state in RUN_ALONE):
+        if at == 1 or (at == 2 and error.sqlstate in RUN_ALONE):
             return await self._run_step(conn, cur, task, others_wait=others_wait)
-        metrics.step_started("sql")
-        message = error.diag.message_primary or str(error).strip()
-        return self._outcome(task, error=StepError(          # as run_sql and _epilogue_now
-            f"SQL execution failed: {message}", sqlstate=error.sqlstate,
-            retryable=at == 2 and state in ("40001", "40P01")), started=started), False
+        metrics.step_started("sql")                           # as run_sql, _epilogue_now
+        return self._outcome(task, error=sql_step.step_error(error, retryable=at == 2),
+                             started=started), False
 
     async def _undo_step(self, conn: psycopg.AsyncConnection[Any], savepoints: list[str],
                          k: int) -> None:
         """Roll the pipelined step k back, with every step pipelined after it; the steps
         before it are kept (their savepoints released with the next round trip)."""
-        await self._cleanup(conn, f"ROLLBACK TO SAVEPOINT {savepoints[k]};"
-                                  f" RELEASE SAVEPOINT {savepoints[k]}")
+        await self._roll_back_to(conn, savepoints[k])
         if k:
             self.unreleased = savepoints[0]
 
@@ -772,22 +764,31 @@ class Executor(Loop):
         `batch_budget` is interrupted and rolled back to its savepoint, so that it does not
         hold them; it runs again as the first step of a batch of its own.
         """
-        cut = None
-        if others_wait:
-            cut = asyncio.get_running_loop().call_later(self.settings.batch_budget,
-                                                        self._cut_batch)
-        try:
+        async with self._budget(others_wait):
             outcome = await self._run_in_savepoint(conn, cur, task)
+        return outcome, await self._was_cut() and outcome is None
+
+    @contextlib.asynccontextmanager
+    async def _budget(self, others_wait: bool) -> AsyncIterator[None]:
+        """While others wait for this batch's commit, the statement running after
+        `batch_budget` is cancelled (`_cut_batch`)."""
+        timer = asyncio.get_running_loop().call_later(
+            self.settings.batch_budget, self._cut_batch) if others_wait else None
+        try:
+            yield
         finally:
-            if cut is not None:
-                cut.cancel()
+            if timer is not None:
+                timer.cancel()
+
+    async def _was_cut(self) -> bool:
+        """Was the batch cut short (`_budget`)? Clears the mark once the cancel is sent."""
         if not self.batch_cut:
-            return outcome, False
+            return False
         self.batch_cut = False
         if self.cut_request is not None:
             await self.cut_request
             self.cut_request = None
-        return outcome, outcome is None
+        return True
 
 
     async def _run_in_savepoint(self, conn: psycopg.AsyncConnection[Any],
@@ -827,14 +828,11 @@ class Executor(Loop):
                 # locks are not transactional.
                 if not conn.broken and not conn.closed and conn.info.transaction_status in (
                         pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR):
-                    await self._cleanup(conn, f"ROLLBACK TO SAVEPOINT {STEP_SAVEPOINT};"
-                                              f" RELEASE SAVEPOINT {STEP_SAVEPOINT}")
+                    await self._roll_back_to(conn, STEP_SAVEPOINT)
                 raise
             return self._outcome(task, result=result, started=started)
         except psycopg.errors.QueryCanceled as exc:
-            return self._cancelled(task, StepError(
-                f"SQL execution failed: {str(exc).strip()}", sqlstate=QUERY_CANCELED), started,
-                timeout, cut=self.batch_cut)
+            return self._cancelled(task, cancelled(exc), started, timeout, cut=self.batch_cut)
         except StepError as exc:
             if exc.sqlstate == QUERY_CANCELED:
                 return self._cancelled(task, exc, started, timeout, cut=self.batch_cut)
@@ -856,8 +854,7 @@ class Executor(Loop):
     def _cancelled(self, task: dict[str, Any], exc: StepError, started: float,
                    timeout: float | None = None, *, cut: bool) -> Outcome | None:
         """The outcome of a step whose statement was cancelled; `cut`: the batch was cut."""
-        asked = any(task["instance_id"] == instance and node in ("", task["node_id"])
-                    for instance, node in self.cancels)
+        asked = _asked(task, self.cancels)
         if cut and not asked:
             return None   # cut short to commit the batch: it runs again on its own
         if (timeout is not None and not asked
@@ -933,8 +930,12 @@ class Executor(Loop):
         except psycopg.Error as exc:
             if db.needs_reconnect(exc, conn):
                 raise
-            message = exc.diag.message_primary or str(exc).strip()
-            raise StepError(f"SQL execution failed: {message}", sqlstate=exc.sqlstate) from exc
+            raise sql_step.step_error(exc, retryable=False) from exc
+
+    async def _roll_back_to(self, conn: psycopg.AsyncConnection[Any], savepoint: str) -> None:
+        """Undo a step: back to its savepoint (and gone with it), then CLEANUP."""
+        await self._cleanup(conn, f"ROLLBACK TO SAVEPOINT {savepoint};"
+                                  f" RELEASE SAVEPOINT {savepoint}")
 
     async def _cleanup(self, conn: psycopg.AsyncConnection[Any], first: str = "") -> None:
         """Run `first`, then undo what a step may leave in the session, in one round trip
@@ -1117,8 +1118,7 @@ class Executor(Loop):
                 if channel != "df_cancel" or not payload:
                     continue
                 instance, _, node = payload.partition(" ")
-                hit = [t for t in self.current if t["instance_id"] == instance
-                       and node in ("", t["node_id"])]
+                hit = [t for t in self.current if _asked(t, [(instance, node)])]
                 if hit:
                     self.cancels.append((instance, node))
                     self.cancel_sent_at = time.monotonic()

@@ -108,15 +108,25 @@ async def run_sql(conn: psycopg.AsyncConnection[Any], query: str,
         except errors.QueryCanceled:
             raise
         except psycopg.Error as exc:
-            state = exc.sqlstate or ""
-            # 08P01 with the connection intact: the statement's own fault, such as a `$1`
-            # in a step that has no parameter to bind.
-            if conn.broken or conn.closed or (
-                    state.startswith(("08", "57P")) and state != "08P01"):
+            if session_lost(conn, exc):
                 raise
-            message = exc.diag.message_primary or str(exc).strip()
-            raise StepError(f"SQL execution failed: {message}", sqlstate=exc.sqlstate,
-                            retryable=exc.sqlstate in ("40001", "40P01")) from exc
+            raise step_error(exc) from exc
+
+
+def session_lost(conn: psycopg.AsyncConnection[Any], exc: psycopg.Error) -> bool:
+    """Did `exc`, raised by a step's statement, break the session (rather than being the
+    statement's own fault)? 08P01 with the connection intact is the statement's fault, such
+    as a `$1` in a step that has no parameter to bind."""
+    state = exc.sqlstate or ""
+    return conn.broken or conn.closed or (state.startswith(("08", "57P")) and state != "08P01")
+
+
+def step_error(exc: psycopg.Error, *, retryable: bool = True) -> StepError:
+    """A database error of a step as the step's error, with its SQLSTATE; with `retryable`,
+    a serialization failure or a deadlock may be retried."""
+    message = exc.diag.message_primary or str(exc).strip()
+    return StepError(f"SQL execution failed: {message}", sqlstate=exc.sqlstate,
+                     retryable=retryable and exc.sqlstate in ("40001", "40P01"))
 
 
 def bind(conn: psycopg.AsyncConnection[Any], query: str,
@@ -600,9 +610,7 @@ async def run_sql_confined(conn: psycopg.AsyncConnection[Any], query: str,
     except psycopg.Error as exc:
         if conn.broken or conn.closed or (exc.sqlstate or "").startswith(("08", "57P")):
             raise
-        message = exc.diag.message_primary or str(exc).strip()
-        raise StepError(f"SQL execution failed: {message}", sqlstate=exc.sqlstate,
-                        retryable=exc.sqlstate in ("40001", "40P01")) from exc
+        raise step_error(exc) from exc
 
 
 async def _prepare(conn: psycopg.AsyncConnection[Any], text: str,
