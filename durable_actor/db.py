@@ -150,9 +150,11 @@ def _dict_row(names: list[str]) -> Any:
 # The runtime's statements look rows up by key, a batch at a time (unnest of the batch's ids,
 # joined to a table by its primary key). Planned without statistics (fresh tables, or queue
 # tables that change faster than autovacuum analyzes them), such a join became a hash join
-# over a sequential scan of the whole table. Set on connections that run no step of a user
-# (the dispatcher's), and for the executor's writes, after its steps (Executor._commit).
-KEYED_PLANS = {"enable_hashjoin": "off", "enable_mergejoin": "off"}
+# over a sequential scan of the whole table, or, without hash joins, a nested loop over one
+# (a plan kept from when the table was tiny read all of it for every row of the batch). Set
+# on connections that run no step of a user (the dispatcher's), for the executor's writes,
+# after its steps (Executor._commit), and on df._claim_with_mail (migration 0016).
+KEYED_PLANS = {"enable_hashjoin": "off", "enable_mergejoin": "off", "enable_seqscan": "off"}
 
 
 PREPARE_THRESHOLD = 2        # executions of a statement before it is prepared

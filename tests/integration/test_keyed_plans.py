@@ -1,0 +1,90 @@
+"""The runtime's look-ups stay key look-ups however much a table grew since they were planned.
+
+A plan kept for a session (a prepared statement of the dispatcher, a PL/pgSQL function's plan)
+is made while the tables of a fresh database are tiny. A sequential scan is then the cheapest
+plan, and it stays the plan when the table has grown to thousands of rows: every claim read
+every instance. These tests let the plans be made on tiny tables, grow the tables, and count
+the sequential scans the runtime's statements make after that (PostgreSQL's own counters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from durable_actor import config, db
+from durable_actor.dispatcher import Dispatcher
+from durable_actor.executor import Executor
+
+WORKFLOW = "SELECT df.start($$SELECT 1$$ ~> $$SELECT 1$$)"
+TABLES = ("instances", "nodes", "mailbox")
+
+
+@pytest.fixture
+async def aconn(fresh_dsn: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async with await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as c:
+        yield c
+
+
+async def start(aconn: psycopg.AsyncConnection[Any], count: int) -> None:
+    for _ in range(count):
+        await aconn.execute(WORKFLOW)
+
+
+async def flushed_stats(aconn: psycopg.AsyncConnection[Any]) -> None:
+    """This session's table counters, in the shared statistics from now on."""
+    await aconn.execute("SELECT pg_stat_force_next_flush()")
+    await aconn.execute("SELECT 1")
+
+
+async def seq_scans(aconn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
+    cur = await aconn.execute(
+        "SELECT relname, seq_scan FROM pg_stat_user_tables WHERE schemaname = 'df'"
+        " AND relname = ANY(%s)", (list(TABLES),))
+    return dict(await cur.fetchall())
+
+
+async def test_the_claim_reads_instances_by_key_in_a_session_that_planned_it_on_tiny_tables(
+        aconn: psycopg.AsyncConnection[Any], fresh_dsn: str) -> None:
+    # An executor's session: the planner settings are the server's, as for a user's step.
+    async with await psycopg.AsyncConnection.connect(fresh_dsn) as session:
+        await start(aconn, 1)
+        for _ in range(8):      # past PL/pgSQL's custom plans: the generic plan is kept
+            await session.execute("SELECT * FROM df._claim_with_mail(16, 32)")
+            await session.rollback()
+        await start(aconn, 400)
+        await session.execute("SELECT * FROM df._claim_with_mail(16, 32)")
+        cur = await session.execute(
+            "SELECT relname, seq_scan FROM pg_stat_xact_user_tables WHERE schemaname = 'df'"
+            " AND relname = ANY(%s)", (list(TABLES),))
+        assert dict(await cur.fetchall()) == dict.fromkeys(TABLES, 0)
+        await session.rollback()
+
+
+async def test_the_dispatcher_reads_and_writes_by_key_after_the_tables_grew(
+        aconn: psycopg.AsyncConnection[Any], fresh_dsn: str) -> None:
+    settings = config.from_env({})
+    dispatcher, executor = Dispatcher(settings, fresh_dsn), Executor(settings, fresh_dsn)
+    async with await db.connect(fresh_dsn, role="test executor", autocommit=True,
+                                options=executor.connection_options()) as econn, \
+            await db.connect(fresh_dsn, role="test dispatcher", prepare=True,
+                             options=dispatcher.connection_options()) as dconn:
+        executor.idle, executor.conn = False, econn     # the dispatcher takes the starts
+        for _ in range(10):     # one workflow at a time: its statements are prepared
+            await start(aconn, 1)
+            while await dispatcher.work_once(dconn) + await executor.work_once(econn):
+                pass
+        await start(aconn, 400)
+        await flushed_stats(aconn)
+        before = await seq_scans(aconn)
+        handled = 0
+        while took := await dispatcher.work_once(dconn):
+            handled += took
+        await flushed_stats(dconn)
+        await dconn.commit()
+        after = await seq_scans(aconn)
+    assert handled >= 400
+    assert {t: after[t] - before[t] for t in TABLES} == dict.fromkeys(TABLES, 0)
