@@ -24,7 +24,7 @@ from psycopg.abc import PQGen
 from psycopg.adapt import Transformer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import set_json_loads
-from psycopg.waiting import Wait
+from psycopg.waiting import Ready, Wait
 
 log = structlog.get_logger()
 
@@ -128,11 +128,17 @@ async def pipelined(conn: psycopg.AsyncConnection[Any],
 
 
 def _send_and_read(pgconn: pq.abc.PGconn, queue: deque[Any]) -> PQGen[list[pq.abc.PGresult]]:
-    """Send the queued commands of a pipeline, reading what comes back meanwhile, then read
-    on to the Sync's result: one wait for the whole round trip (psycopg's `fetch_many` takes
-    one per statement)."""
-    results = [r for group in (yield from generators.pipeline_communicate(pgconn, queue))
-               for r in group]
+    """Queue the commands of a pipeline in libpq's output buffer and send them in one write
+    (the socket permitting), reading what comes back meanwhile, then read on to the Sync's
+    result: one write and one wait for the whole round trip. psycopg's
+    `pipeline_communicate` flushes after every command, a system call each, and its
+    `fetch_many` takes one wait per statement."""
+    for send in queue:
+        send()
+    while pgconn.flush():       # the socket took part of it: the rest once it is writable
+        if (yield Wait.RW) & Ready.R:
+            pgconn.consume_input()   # what the server sent meanwhile, so that it never blocks
+    results: list[pq.abc.PGresult] = []
     while not results or results[-1].status != pq.ExecStatus.PIPELINE_SYNC:
         while pgconn.is_busy():
             if (yield Wait.R):

@@ -224,3 +224,22 @@ async def test_the_clean_up_in_one_call_is_the_executors_clean_up(
         else:
             assert f"EXECUTE '{statement}'" in body, statement
     assert body.count("EXECUTE") + body.count("PERFORM") == len(CLEANUP.split(";"))
+
+
+async def test_a_pipeline_larger_than_the_sockets_buffers_is_sent_and_read_whole(
+        fresh_dsn: str) -> None:
+    # Megabytes each way: the server answers while the pipeline is still being written, so
+    # sending must read meanwhile, or both sides would wait for the other for ever.
+    async with await db.connect(fresh_dsn, role="test", autocommit=True) as conn:
+        values = [f"{i:06d}" + "x" * 3000 for i in range(2000)]
+        statements = [db.Statement(b"SELECT $1::text AS v", [v.encode()], [0])
+                      for v in values]
+        results = await db.pipelined(conn, statements)
+        assert [r.get_value(0, 0) for r in results] == [v.encode() for v in values]
+
+        failing = [*statements[:1500], db.Statement(b"SELECT 1 / 0"), *statements[1500:]]
+        results = await db.pipelined(conn, failing)
+        statuses = [r.status for r in results]
+        assert statuses == [psycopg.pq.ExecStatus.TUPLES_OK] * 1500 + \
+            [psycopg.pq.ExecStatus.FATAL_ERROR] + [psycopg.pq.ExecStatus.PIPELINE_ABORTED] * 500
+        assert (await (await conn.execute("SELECT 42")).fetchone()) == (42,)
