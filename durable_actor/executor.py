@@ -3,7 +3,7 @@
 Exactly once for SQL in the instance's own database
 -------------------------------------------------
 One transaction per batch: claim a task (FOR UPDATE SKIP LOCKED: the row lock is the claim),
-run it in a savepoint, claim the next …, then carry the instances on (below), delete the
+run it in a savepoint, carry its instance on (below), claim the next ones …, delete the
 finished tasks, post the other outcomes to the mailbox, and commit. The step's own writes, the
 removal of its task and its completion commit together: a crash before the commit leaves no
 trace (the lock goes with the session and the task is claimed again); after the commit the
@@ -28,7 +28,10 @@ Carrying instances on
 The finished steps' instances that have no mail waiting and that nobody else runs are locked
 (SKIP LOCKED) and their outcomes applied here with the engine (``_advance``); the SQL steps that
 follow in this database run at once, each in its savepoint, while the batch's budget lasts,
-and what the engine decided is written with the dispatcher's code (``actors.py``). These steps
+and what the engine decided is written with the dispatcher's code (``actors.py``). A batch
+does this after each group of tasks it claims, before it claims more (depth first): the budget
+goes to finishing the instances it has rather than to first steps whose next steps would then
+be queued as tasks of their own. These steps
 have no task row: they, the new state and the first step commit together or not at all. An
 executor whose last round found nothing to do takes mail as the dispatcher does and carries
 those instances on the same way (``_take_mail``), so an idle runtime starts a workflow's first
@@ -83,7 +86,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -377,10 +380,17 @@ class Executor(Loop):
                      stale: list[int]) -> int:
         """One batch in one transaction (module docstring); returns how many steps it ran or
         leased. Fills `deferred` with the leased tasks, `taken` with the claimed task ids and
-        `stale` with the tasks of instances that no longer run."""
+        `stale` with the tasks of instances that no longer run.
+
+        Depth first: the instances of each group of tasks claimed are carried on (`_advance`)
+        before more tasks are claimed, so the steps that follow them run in this batch
+        instead of being queued as tasks of their own."""
         claimed = 0
         async with self._transaction(conn), conn.cursor(row_factory=dict_row) as cur:
             done: list[Outcome] = []
+            mail: list[Outcome] = []      # outcomes of instances not carried on here
+            carried: set[str] = set()     # instances carried on in this batch
+            writes = _Writes(self, conn)  # every write of the batch, with its commit
             shards = self.mine
             deadline = time.monotonic() + self.settings.batch_budget
             while claimed < self.settings.executor_batch and time.monotonic() < deadline:
@@ -407,12 +417,27 @@ class Executor(Loop):
                     else:
                         steps.append(task)
                 outcomes, cut = await self._run_steps(conn, cur, steps, others_wait=bool(done))
-                done += [o for o in outcomes if o is not None]
+                finished = [o for o in outcomes if o is not None]
+                done += finished
+                if finished:
+                    ran, unlocked = await self._advance(
+                        conn, cur, finished, carried, writes, deadline,
+                        self.settings.executor_batch - claimed)
+                    claimed += ran
+                    mail += unlocked
                 if cut:
                     break      # interrupted: it stays queued and runs on its own
             if done or stale:
-                claimed += await self._advance(conn, cur, done, stale, deadline,
-                                               self.settings.executor_batch - claimed)
+                await writes.execute(q("tasks_complete_many"), {
+                    "task_ids": [o.task["id"] for o in done] + stale,
+                    "instance_ids": [o.task["instance_id"] for o in mail],
+                    "node_ids": [o.task["node_id"] for o in mail],
+                    "activations": [o.task["activation"] for o in mail],
+                    "payloads": [o.payload for o in mail],
+                })
+                if mail:
+                    await writes.execute("SELECT pg_notify('df_mailbox', '')")
+                await self._commit(conn, writes)
             await self._round_trip(conn, [])     # nothing owed is left for the commit
         return claimed
 
@@ -493,47 +518,39 @@ class Executor(Loop):
     # -- carrying instances on (the engine where the step ran) ---------------------------------
 
     async def _advance(self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any],
-                       done: list[Outcome], stale: list[int], deadline: float,
-                       steps_left: int) -> int:
-        """Apply the batch's finished steps to their instances here, in this transaction, and
-        run the SQL steps that follow at once; post the other outcomes to the mailbox; remove
-        the finished (and the `stale`) tasks. Returns how many steps ran here.
+                       done: list[Outcome], carried: set[str], writes: _Writes,
+                       deadline: float, steps_left: int) -> tuple[int, list[Outcome]]:
+        """Apply finished steps to their instances here, in this transaction, and run the SQL
+        steps that follow at once; add what the engine decided to `writes`. Returns how many
+        steps ran here, and the outcomes left for the mailbox.
 
-        An instance is carried on when it can be locked at once (nobody else runs its actor)
-        and has no mail waiting (mail is older and goes first, through the dispatcher). Its
-        next steps in this database run here, each in its savepoint, while the batch's budget
-        lasts; what they decide is written with the same code as the dispatcher's
-        (``actors.py``). Everything commits together with the steps, so a crash redoes all of
-        it. A cancel (df._cancel_family locks the instance row) waits for this commit; an
-        instance cancelled before it is not running any more and is not locked here.
+        An instance is carried on when it can be locked at once (nobody else runs its actor),
+        has no mail waiting (mail is older and goes first, through the dispatcher) and was not
+        carried on earlier in this batch (its state here is in `writes`, not yet in the
+        table). Its next steps in this database run here, each in its savepoint, while the
+        batch's budget (`deadline`, `steps_left`) lasts; what they decide is written with the
+        same code as the dispatcher's (``actors.py``). Everything commits together with the
+        steps, so a crash redoes all of it. A cancel (df._cancel_family locks the instance
+        row) waits for this commit; an instance cancelled before it is not running any more
+        and is not locked here.
         """
-        ids = sorted({o.task["instance_id"] for o in done})
+        ids = sorted({o.task["instance_id"] for o in done} - carried)
         locked, loaded = await self._round_trip(conn, [    # the locks and the nodes
             _literal(q("instances_lock_quiet"), {"ids": ids}),
-            _literal(q("nodes_load_many"), {"ids": ids})])
+            _literal(q("nodes_load_many"), {"ids": ids})]) if ids else ([], [])
         rows = {r["id"]: r for r in locked}
+        carried.update(rows)
         mail = [o for o in done if o.task["instance_id"] not in rows]
+        if not rows:
+            return 0, mail
         states = actors.states(list(rows.values()), loaded)
-        # the database's clock, read when the instances were locked (none locked: unused)
-        now: datetime = next(iter(rows.values()))["now"] if rows else datetime.now(UTC)
+        now: datetime = next(iter(rows.values()))["now"]     # the database's clock
         effects, ran = await self._carry(
             conn, cur, rows, states, now, deadline, steps_left,
             [(o.task["instance_id"], self._apply_step(states, o, now))
              for o in done if o.task["instance_id"] in rows])
-        writes = _Writes(self, conn)    # every write of the batch in one round trip
-        if rows:
-            await self.actors.write(writes, states, effects, rows, now)
-        await writes.execute(q("tasks_complete_many"), {
-            "task_ids": [o.task["id"] for o in done] + stale,
-            "instance_ids": [o.task["instance_id"] for o in mail],
-            "node_ids": [o.task["node_id"] for o in mail],
-            "activations": [o.task["activation"] for o in mail],
-            "payloads": [o.payload for o in mail],
-        })
-        if mail:
-            await writes.execute("SELECT pg_notify('df_mailbox', '')")
-        await self._commit(conn, writes)
-        return ran
+        await self.actors.write(writes, states, effects, rows, now)
+        return ran, mail
 
     @staticmethod
     def _apply_step(states: dict[str, engine.InstanceState], outcome: Outcome,

@@ -243,3 +243,33 @@ async def test_a_pipeline_larger_than_the_sockets_buffers_is_sent_and_read_whole
         assert statuses == [psycopg.pq.ExecStatus.TUPLES_OK] * 1500 + \
             [psycopg.pq.ExecStatus.FATAL_ERROR] + [psycopg.pq.ExecStatus.PIPELINE_ABORTED] * 500
         assert (await (await conn.execute("SELECT 42")).fetchone()) == (42,)
+
+
+async def test_a_batch_carries_its_first_instances_on_before_claiming_more(
+        fresh_dsn: str, aconn: psycopg.AsyncConnection[Any]) -> None:
+    # Three queued first steps, a batch of three steps: the batch runs the first workflow to
+    # its end (its steps 2 and 3 carried on, never queued) instead of claiming the other two
+    # first steps and queueing the steps that follow all three.
+    settings = config.from_env({}, executor_batch=3, batch_budget=60.0)
+    executor, dispatcher = Executor(settings, fresh_dsn), Dispatcher(settings, fresh_dsn)
+    ids = []
+    for n in (1, 4, 7):
+        steps = " ~> ".join(f"$${ledger_step(k)}$$" for k in (n, n + 1, n + 2))
+        row = await (await aconn.execute(f"SELECT df.start({steps})")).fetchone()
+        assert row is not None
+        ids.append(row[0])
+    async with await db.connect(fresh_dsn, role="test executor", autocommit=True,
+                                options=executor.connection_options()) as econn, \
+            await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn:
+        while await dispatcher.work_once(dconn):       # the starts: three first-step tasks
+            pass
+        executor.idle, executor.conn = False, econn
+        assert await executor.work_once(econn) == 3
+    cur = await aconn.execute("SELECT id, status FROM df.instances WHERE id = ANY(%s)", (ids,))
+    statuses = dict(await cur.fetchall())
+    assert sorted(statuses.values()) == ["completed", "running", "running"]
+    cur = await aconn.execute("SELECT n FROM pl_ledger ORDER BY n")
+    first = next(n for n, i in zip((1, 4, 7), ids, strict=True) if statuses[i] == "completed")
+    assert [n for (n,) in await cur.fetchall()] == [first, first + 1, first + 2]
+    cur = await aconn.execute("SELECT count(*) FROM df.tasks")
+    assert await cur.fetchone() == (2,)     # the other two first steps, still queued
