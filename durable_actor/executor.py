@@ -31,11 +31,11 @@ follow in this database run at once, each in its savepoint, while the batch's bu
 and what the engine decided is written with the dispatcher's code (``actors.py``). A batch
 does this after each group of tasks it claims, before it claims more (depth first): the budget
 goes to finishing the instances it has rather than to first steps whose next steps would then
-be queued as tasks of their own. These steps
-have no task row: they, the new state and the first step commit together or not at all. An
-executor whose last round found nothing to do takes mail as the dispatcher does and carries
-those instances on the same way (``_take_mail``), so an idle runtime starts a workflow's first
-step without a dispatcher round.
+be queued as tasks of their own. These steps have no task row: they, the new state and the
+first step commit together or not at all. An executor whose last round found nothing to do
+takes mail as the dispatcher does and carries those instances on the same way
+(``_take_mail``), so an idle runtime starts a workflow's first step without a dispatcher
+round.
 
 At least once for everything else
 ---------------------------------
@@ -399,10 +399,10 @@ class Executor(Loop):
                 # (`_run_steps`); a slow one among them is cut short, and claimed tasks left
                 # unrun go back with the commit.
                 limit = min(CLAIM_GROUP if done else 1, self.settings.executor_batch - claimed)
-                ready = await self._claim(conn, shards, taken, limit)
+                ready = await self._claim(conn, shards, taken, carried, limit)
                 if not ready and shards is self.mine and not done:
                     shards = self.all_shards    # own shards are empty: steal
-                    ready = await self._claim(conn, shards, taken, limit)
+                    ready = await self._claim(conn, shards, taken, carried, limit)
                 if not ready:
                     break
                 taken.extend(t["id"] for t in ready)
@@ -444,9 +444,12 @@ class Executor(Loop):
     # -- claiming ---------------------------------------------------------------------------
 
     async def _claim(self, conn: psycopg.AsyncConnection[Any], shards: list[int],
-                     taken: list[int], limit: int) -> list[dict[str, Any]]:
+                     taken: list[int], carried: set[str], limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` tasks, not those `taken` already nor those of the instances `carried`
+        on in this batch: what the engine decided for those is not written yet (a task it
+        dropped is still there)."""
         (rows,) = await self._round_trip(conn, [_literal(q("tasks_claim"), {
-            "shards": shards, "claimed": taken, "limit": limit})])
+            "shards": shards, "claimed": taken, "carried": sorted(carried), "limit": limit})])
         return rows
 
     @contextlib.asynccontextmanager

@@ -41,6 +41,7 @@ FROM df.tasks t
 WHERE t.shard = ANY(%(shards)s::int[])
   AND (t.lease_until IS NULL OR t.lease_until < clock_timestamp())
   AND t.id <> ALL(%(claimed)s::bigint[])   -- our own locks do not make SKIP LOCKED skip
+  AND t.instance_id <> ALL(%(carried)s::text[])   -- carried on in this batch (Executor._claim)
 ORDER BY t.id
 LIMIT %(limit)s::int
 FOR UPDATE OF t SKIP LOCKED;

@@ -273,3 +273,34 @@ async def test_a_batch_carries_its_first_instances_on_before_claiming_more(
     assert [n for (n,) in await cur.fetchall()] == [first, first + 1, first + 2]
     cur = await aconn.execute("SELECT count(*) FROM df.tasks")
     assert await cur.fetchone() == (2,)     # the other two first steps, still queued
+
+
+async def test_a_batch_claims_no_task_of_an_instance_it_carried_on(
+        fresh_dsn: str, aconn: psycopg.AsyncConnection[Any]) -> None:
+    # A second task of the same instance, queued beside its first step's: once the batch has
+    # carried the instance on, what the engine decided for it is not written yet (here: the
+    # instance ended, its queued work is dropped), so the batch claims none of its tasks.
+    await aconn.execute("CREATE TABLE pl_runs (n int)")
+    settings = config.from_env({}, batch_budget=60.0)
+    executor, dispatcher = Executor(settings, fresh_dsn), Dispatcher(settings, fresh_dsn)
+    steps = " ~> ".join(f"$$INSERT INTO pl_runs VALUES ({k}) RETURNING n$$" for k in (1, 2, 3))
+    row = await (await aconn.execute(f"SELECT df.start({steps})")).fetchone()
+    assert row is not None
+    async with await db.connect(fresh_dsn, role="test executor", autocommit=True,
+                                options=executor.connection_options()) as econn, \
+            await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn:
+        while await dispatcher.work_once(dconn):       # the start: the first step's task
+            pass
+        await aconn.execute(
+            "INSERT INTO df.tasks (instance_id, node_id, activation, shard, kind, database,"
+            "                      submitted_by, payload)"
+            " SELECT instance_id, node_id, activation, shard, kind, database, submitted_by,"
+            "        payload FROM df.tasks")
+        executor.idle, executor.conn = False, econn
+        assert await executor.work_once(econn) == 3
+    cur = await aconn.execute("SELECT status FROM df.instances WHERE id = %s", row)
+    assert await cur.fetchone() == ("completed",)
+    cur = await aconn.execute("SELECT n FROM pl_runs ORDER BY n")
+    assert [n for (n,) in await cur.fetchall()] == [1, 2, 3]
+    cur = await aconn.execute("SELECT count(*) FROM df.tasks")
+    assert await cur.fetchone() == (0,)
