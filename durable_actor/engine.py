@@ -63,8 +63,9 @@ An eternal loop therefore keeps a constant number of rows.
 
 from __future__ import annotations
 
+import copy
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -370,6 +371,61 @@ def transition(state: InstanceState, msg: Message) -> tuple[InstanceState, list[
         case JoinCollected():
             _apply_join_collected(state, msg, effects)
     return state, effects
+
+
+def steps_ahead(state: InstanceState, step: RunStep, now: datetime,
+                limit: int) -> list[RunStep]:
+    """The steps `state` issues one after the other once `step` succeeds, as far as each one
+    follows from the one before whatever that one's result (`_result_unused`); at most `limit`.
+    Worked out on a copy (`_copy`), with every step answered by an empty result: `state` does
+    not change.
+
+    The executor runs them in the round trip of `step`, each in its savepoint after the one
+    before, and keeps one only if `transition`, told the real outcome of the step before it,
+    issues exactly it (it rolls back the rest otherwise)."""
+    ahead: list[RunStep] = []
+    trial: InstanceState | None = None
+    while len(ahead) < limit:
+        node = (trial or state).graph.nodes.get(step.node_id)
+        if node is None or node.type not in STEP_KINDS or not _result_unused(trial or state, node):
+            break
+        if trial is None:
+            trial = _copy(state)
+        _, effects = transition(trial, StepDone(step.node_id, step.activation, now))
+        if len(effects) != 1 or not isinstance(effects[0], RunStep):
+            break
+        step = effects[0]
+        ahead.append(step)
+    return ahead
+
+
+def _result_unused(state: InstanceState, node: Node) -> bool:
+    """Does the instance go on from `node` the same way whatever its result? So it does when
+    `node` is the first part of a sequence, or the last part of sequences (which take its
+    result as theirs) one of which is the first part of another, with no result name bound on
+    the way."""
+    while node.result_name is None and node.parent is not None:
+        parent = state.graph.nodes.get(node.parent)
+        if parent is None or parent.type != "THEN":
+            return False
+        if node.id == parent.left and parent.right is not None:
+            return True
+        node = parent
+    return False
+
+
+def _copy(state: InstanceState) -> InstanceState:
+    """A copy of `state` that `transition` can change without changing `state`: every node
+    copied (a fraction of what loading them cost), and every container the engine changes in
+    place."""
+    nodes = {}
+    for nid, node in state.graph.nodes.items():
+        nodes[nid] = clone = copy.copy(node)
+        if clone.details is not None:
+            clone.details = copy.deepcopy(clone.details)
+    return replace(state, graph=Graph(nodes), vars=dict(state.vars), names=dict(state.names),
+                   inbox=list(state.inbox), waiters=list(state.waiters),
+                   changed=set(state.changed))
 
 
 def _apply_start(state: InstanceState, msg: Start, effects: list[Effect]) -> None:

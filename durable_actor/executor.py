@@ -270,6 +270,7 @@ class _Step:
 class Outcome:
     task: dict[str, Any]
     payload: str
+    savepoint: str | None = None   # a pipelined step kept so far: rolling back to it undoes it
 
 
 class Executor(Loop):
@@ -577,11 +578,18 @@ class Executor(Loop):
         engine again. Returns the effects left to write (``actors.py``) and how many steps
         ran. A step that outlasts the budget is cut short and queued as a task (`_run_step`):
         a cancel waits for this transaction's commit, and a running step shows as running
-        only once it is a task."""
+        only once it is a task.
+
+        Steps ahead: when one step runs, the steps that follow it whatever its result
+        (`engine.steps_ahead`) go in its round trip, each after the one before. Each is kept
+        when the engine, told the real outcome of the one before, issues exactly it; else it
+        is rolled back with those after it (`_roll_back_to`) and the engine's own decision goes
+        on as usual."""
         began = time.monotonic()
         effects: list[tuple[str, engine.Effect]] = []
         ran = 0
-        while decided:
+        ahead: list[tuple[engine.RunStep, Outcome]] = []   # run before they were decided
+        while decided or ahead:     # a step ahead is kept or rolled back before the end
             runnable: list[tuple[str, engine.RunStep]] = []
             for iid, out in decided:
                 # Rows to drop go first: a step that stores rows again must follow the write.
@@ -592,21 +600,58 @@ class Executor(Loop):
                         runnable.append((iid, e))
                     else:
                         effects.append((iid, e))
-            now_run = runnable[:steps_left] if time.monotonic() < deadline else []
-            outcomes, cut = await self._run_steps(
-                conn, cur, [_inline_task(rows[iid], e) for iid, e in now_run], others_wait=True)
-            ran += len(now_run)
-            steps_left = 0 if cut else steps_left - len(now_run)   # cut: the time is up
             finished: list[Outcome] = []
-            for (iid, e), outcome in itertools.zip_longest(runnable, outcomes):
+            if ahead:
+                step, outcome = ahead.pop(0)
+                if runnable == [(outcome.task["instance_id"], step)]:
+                    runnable, ran = [], ran + 1
+                    finished.append(outcome)
+                else:
+                    if outcome.savepoint is not None:     # a failed step is undone already
+                        await self._roll_back_to(conn, outcome.savepoint)
+                    ahead = []
+            now_run = runnable[:steps_left] if time.monotonic() < deadline else []
+            lookahead = self._steps_ahead(rows, states, now_run, now, steps_left)
+            outcomes, cut = await self._run_ahead(
+                conn, cur, [_inline_task(rows[iid], e) for iid, e in now_run],
+                [_inline_task(rows[now_run[0][0]], e) for e in lookahead])
+            ran += len(now_run)
+            steps_left = 0 if cut else steps_left - len(now_run) - len(lookahead)
+            for (iid, e), outcome in itertools.zip_longest(runnable, outcomes[:len(now_run)]):
                 if outcome is None:
                     effects.append((iid, e))     # queued as a task after all
                 else:
                     finished.append(outcome)
+            ahead += [(e, o) for e, o in zip(lookahead, outcomes[len(now_run):], strict=False)
+                      if o is not None]
             at = now + timedelta(seconds=time.monotonic() - began)
             decided = [(o.task["instance_id"], self._apply_step(states, o, at))
                        for o in finished]
         return effects, ran
+
+    def _steps_ahead(self, rows: dict[str, dict[str, Any]],
+                     states: dict[str, engine.InstanceState],
+                     now_run: list[tuple[str, engine.RunStep]], now: datetime,
+                     steps_left: int) -> list[engine.RunStep]:
+        """The steps to run ahead of a lone step's outcome (`_carry`): those that follow it in
+        this database, within the budget."""
+        if len(now_run) != 1:
+            return []
+        iid, step = now_run[0]
+        return list(itertools.takewhile(
+            lambda e: self._runs_here(e, rows[iid]),
+            engine.steps_ahead(states[iid], step, now, steps_left - 1)))
+
+    async def _run_ahead(self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any],
+                         tasks: list[dict[str, Any]], ahead: list[dict[str, Any]]
+                         ) -> tuple[list[Outcome | None], bool]:
+        """Run `tasks` (`_run_steps`) or, with steps `ahead` of a lone task, as many of them
+        as can share its round trip, in one pipeline: the outcomes of the task and of the steps
+        ahead that ran, up to the first that failed, and whether the batch was cut short."""
+        group = self._pipelinable(conn, tasks + ahead) if ahead else []
+        if len(group) > 1:
+            return await self._run_pipelined(conn, cur, group, others_wait=True)
+        return await self._run_steps(conn, cur, tasks, others_wait=True)
 
     def _runs_here(self, step: engine.RunStep, instance: dict[str, Any]) -> bool:
         return step.kind == "sql" and instance["database"] in (None, self.database)
@@ -740,6 +785,7 @@ class Executor(Loop):
                     outcomes.append(self._outcome(task, error=exc, started=begun))
                     return outcomes, False
                 outcomes.append(self._outcome(task, result=result, started=begun))
+                outcomes[-1].savepoint = names[k]
                 continue
             assert error is not None
             await self._undo_step(conn, names, k)

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from durable_actor import config, db
+from durable_actor import config, db, engine
 from durable_actor.dispatcher import Dispatcher
 from durable_actor.executor import Executor
 from durable_actor.steps.sql import CLEANUP
@@ -35,7 +35,8 @@ def ledger_step(n: int) -> str:
 
 class Run:
     """Workflows started, then worked off by one executor and one dispatcher (the same ones
-    at every call); `groups` lists the instances of each pipeline, `cuts` those cut short."""
+    at every call); `groups` lists the instances of each pipeline, `cuts` those cut short.
+    With `mail`, the executor takes the starts itself (`Executor._take_mail`)."""
 
     def __init__(self, dsn: str, aconn: psycopg.AsyncConnection[Any]) -> None:
         self.dsn, self.aconn = dsn, aconn
@@ -54,7 +55,8 @@ class Run:
 
         executor._run_pipelined = recorded  # type: ignore[method-assign]
 
-    async def __call__(self, workflows: list[str], role: str | None = None) -> list[str]:
+    async def __call__(self, workflows: list[str], role: str | None = None, *,
+                       mail: bool = False) -> list[str]:
         ids = []
         for workflow in workflows:
             if role:
@@ -69,10 +71,12 @@ class Run:
         async with await db.connect(self.dsn, role="test executor", autocommit=True,
                                     options=executor.connection_options()) as econn, \
                 await db.connect(self.dsn, role="test dispatcher", prepare=True) as dconn:
-            executor.idle = False           # the dispatcher takes the starts: tasks
+            executor.idle = mail            # else the dispatcher takes the starts: tasks
             executor.conn = econn           # the connection it cancels a statement on
-            for _ in range(100):
-                if not (await dispatcher.work_once(dconn) + await executor.work_once(econn)):
+            for _ in range(100):     # with `mail`, the executor takes the starts first
+                if not (await executor.work_once(econn) + await dispatcher.work_once(dconn)
+                        if mail else
+                        await dispatcher.work_once(dconn) + await executor.work_once(econn)):
                     break
         return ids
 
@@ -118,9 +122,8 @@ FAILING = {
 }
 
 
-@pytest.mark.parametrize("case", FAILING)
-async def test_a_failing_step_fails_alone_and_its_neighbours_take_effect_once(
-        run: Run, aconn: psycopg.AsyncConnection[Any], case: str) -> None:
+async def failing_setup(aconn: psycopg.AsyncConnection[Any]) -> None:
+    """What the FAILING steps need: a low max_result_bytes, the function that opens a cursor."""
     await aconn.execute("UPDATE df.settings SET value = '1000' WHERE name = 'max_result_bytes'")
     await aconn.execute("""CREATE FUNCTION open_over_temp() RETURNS refcursor
                            LANGUAGE plpgsql AS $f$
@@ -131,6 +134,12 @@ async def test_a_failing_step_fails_alone_and_its_neighbours_take_effect_once(
                                OPEN c FOR SELECT * FROM held;
                                RETURN c;
                            END $f$""")
+
+
+@pytest.mark.parametrize("case", FAILING)
+async def test_a_failing_step_fails_alone_and_its_neighbours_take_effect_once(
+        run: Run, aconn: psycopg.AsyncConnection[Any], case: str) -> None:
+    await failing_setup(aconn)
     bad, error = FAILING[case]
     steps = [ledger_step(1), ledger_step(2), bad, ledger_step(4), ledger_step(5),
              ledger_step(6)]
@@ -304,3 +313,49 @@ async def test_a_batch_claims_no_task_of_an_instance_it_carried_on(
     assert [n for (n,) in await cur.fetchall()] == [1, 2, 3]
     cur = await aconn.execute("SELECT count(*) FROM df.tasks")
     assert await cur.fetchone() == (0,)
+
+
+# -- steps ahead (engine.steps_ahead): a lone workflow's next steps share its step's round trip
+
+async def lone(run: Run, workflow: str) -> str:
+    """Run `workflow` alone, its start taken by the executor, once the executor knows the
+    role trusted (a role's first step runs alone); `run.groups` then holds its pipelines."""
+    await run(["$$SELECT 1$$"], mail=True)
+    run.groups.clear()
+    (wf,) = await run([workflow], mail=True)
+    return wf
+
+
+async def test_a_lone_workflows_steps_go_in_one_round_trip(
+        run: Run, aconn: psycopg.AsyncConnection[Any]) -> None:
+    wf = await lone(run, " ~> ".join(f"$${ledger_step(k)}$$" for k in (1, 2, 3)))
+    assert run.groups == [[wf, wf, wf]]
+    assert await run.statuses([wf]) == [("completed", None)]
+    assert await run.ledger() == [1, 2, 3]
+    row = await (await aconn.execute("SELECT df.result(%s)::jsonb", (wf,))).fetchone()
+    assert row is not None and row[0]["rows"] == [{"n": 3}]
+
+
+@pytest.mark.parametrize("case", FAILING)
+async def test_a_step_ahead_that_fails_fails_its_workflow_and_what_follows_never_runs(
+        run: Run, aconn: psycopg.AsyncConnection[Any], case: str) -> None:
+    await failing_setup(aconn)
+    bad, error = FAILING[case]
+    wf = await lone(run, f"$${ledger_step(1)}$$ ~> $${bad}$$ ~> $${ledger_step(4)}$$")
+    assert run.groups[0] == [wf, wf, wf]
+    ((status, errors),) = await run.statuses([wf])
+    assert status == "failed" and errors is not None and errors.startswith(error), errors
+    assert await run.ledger() == [1]
+
+
+async def test_a_step_run_ahead_that_the_engine_does_not_issue_is_rolled_back(
+        run: Run, aconn: psycopg.AsyncConnection[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A wrong guess (none is made: the guard is the engine's) costs the step's work, never
+    # its effect: the step ran ahead is rolled back and the engine's own next step runs.
+    wrong = engine.RunStep("ffffffff", 99, "sql", {"query": ledger_step(99), "node_type": "SQL",
+                                                    "results": {}})
+    monkeypatch.setattr(engine, "steps_ahead", lambda *args: [wrong])
+    wf = await lone(run, f"$${ledger_step(1)}$$ ~> $${ledger_step(2)}$$")
+    assert [len(group) for group in run.groups] == [2, 2]      # 1 and 99, 2 and 99
+    assert await run.statuses([wf]) == [("completed", None)]
+    assert await run.ledger() == [1, 2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 from dataclasses import dataclass, field
@@ -889,3 +890,90 @@ def test_the_timeout_goes_to_the_executor_with_the_step() -> None:
     state = store({"node_type": "SQL", "query": "SELECT pg_sleep(9)", "timeout_seconds": 1.5})
     _, out = transition(state, Start(T0))
     assert steps(out)[0].payload["timeout_seconds"] == 1.5
+
+
+# -- steps ahead: what the executor may run before the step they follow has answered ---------
+
+def test_the_steps_of_a_sequence_are_known_ahead_without_changing_the_state() -> None:
+    s = store(then(then(sql("a"), sql("b")), sql("c")))
+    (a,) = steps(transition(s, Start(T0))[1])
+    before = copy.deepcopy(s)
+    ahead = engine.steps_ahead(s, a, T0, 5)
+    assert [step.payload["query"] for step in ahead] == ["b", "c"]
+    assert s == before
+    assert engine.steps_ahead(s, a, T0, 1) == ahead[:1]
+    (b,) = steps(done(s, a, rows(1)))
+    assert b == ahead[0]
+    (c,) = steps(done(s, b, rows(2)))
+    assert c == ahead[1]
+
+
+def test_no_step_is_ahead_of_a_result_that_decides_what_follows() -> None:
+    sleep = {"node_type": "SLEEP", "query": "1"}
+    graphs = {
+        "a name the next step reads": then(sql("a", "x"), sql("SELECT $x")),
+        "a name nobody reads yet": then(sql("a", "x"), sql("b")),
+        "a condition": {"node_type": "IF", "condition_node": sql("c"),
+                        "left_node": sql("yes"), "right_node": sql("no")},
+        "a sleep next": then(sql("a"), sleep),
+        "the last step": sql("a"),
+    }
+    for why, graph in graphs.items():
+        s = store(graph)
+        (first,) = steps(transition(s, Start(T0))[1])
+        assert engine.steps_ahead(s, first, T0, 5) == [], why
+
+
+_NAMED_LEAVES = st.one_of(
+    st.tuples(st.sampled_from(["SELECT 1", "SELECT $x", "SELECT $y.v?"]),
+              st.sampled_from([None, "x", "y"])).map(lambda t: sql(*t)),
+    st.just({"node_type": "SLEEP", "query": "1"}),
+    st.just({"node_type": "BREAK", "query": '{"break_value":null}'}))
+
+
+def _one_instance_graphs() -> st.SearchStrategy[dict[str, Any]]:
+    def composite(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+        return st.one_of(
+            st.tuples(children, children).map(lambda t: then(*t)),
+            st.tuples(children, children).map(lambda t: then(*t)),
+            st.tuples(children, children, children).map(lambda t: {
+                "node_type": "IF", "condition_node": t[0], "left_node": t[1], "right_node": t[2]}),
+            st.tuples(children, st.one_of(st.none(), children)).map(lambda t: {
+                "node_type": "LOOP", "left_node": t[0],
+                **({"condition_node": t[1]} if t[1] else {})}))
+
+    return st.recursive(_NAMED_LEAVES, composite, max_leaves=10)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=_one_instance_graphs(), seed=st.integers(0, 2**32 - 1))
+def test_the_steps_ahead_are_the_steps_issued_whatever_the_results(
+        graph: dict[str, Any], seed: int) -> None:
+    """Whenever a step is issued, each step said to be ahead of it is the one step the engine
+    issues next once the step before it succeeds, whatever its result; working them out
+    changes nothing."""
+    rng = random.Random(seed)
+    s = store(graph)
+    now = T0
+    effects = transition(s, Start(now))[1]
+    for _ in range(300):
+        if s.status in engine.TERMINAL:
+            break
+        now += timedelta(seconds=rng.randint(0, 3))
+        issued = steps(effects)
+        if not issued:
+            timer = next(e for e in effects if isinstance(e, StartTimer))
+            effects = transition(s, TimerFired(timer.node_id, timer.activation,
+                                               max(now, timer.due_at)))[1]
+            continue
+        (step,) = issued
+        before = copy.deepcopy(s)
+        ahead = engine.steps_ahead(s, step, now, 3)
+        assert s == before
+        for predicted in ahead:
+            effects = done(s, step, rows(rng.choice([True, False, 0, None, "x"])), now=now)
+            assert effects == [predicted]
+            step = predicted
+        ok = rng.random() < 0.8
+        effects = done(s, step, rows(rng.choice([True, False, 0, None])) if ok else None,
+                       None if ok else "boom", now=now)
