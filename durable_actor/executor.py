@@ -53,7 +53,8 @@ receiver can recognise a call that a crash made us repeat.
 Sharding
 --------
 Tasks carry shard = crc32(instance id) mod `shards`; executor i of N prefers the shards
-s with s mod N = i and steals from all shards when its own are empty.
+s with s mod N = i and steals from all shards when its own are empty and any task is queued
+at all (asked with the look at its own shards: an idle executor looks once, not twice).
 
 Cancellation
 ------------
@@ -400,10 +401,12 @@ class Executor(Loop):
                 # (`_run_steps`); a slow one among them is cut short, and claimed tasks left
                 # unrun go back with the commit.
                 limit = min(CLAIM_GROUP if done else 1, self.settings.executor_batch - claimed)
-                ready = await self._claim(conn, shards, taken, carried, limit)
-                if not ready and shards is self.mine and not done:
+                steal = shards is self.mine and not done and self.mine != self.all_shards
+                ready, queued = await self._claim(conn, shards, taken, carried, limit,
+                                                  steal=steal)
+                if not ready and queued:
                     shards = self.all_shards    # own shards are empty: steal
-                    ready = await self._claim(conn, shards, taken, carried, limit)
+                    ready, _ = await self._claim(conn, shards, taken, carried, limit)
                 if not ready:
                     break
                 taken.extend(t["id"] for t in ready)
@@ -445,13 +448,16 @@ class Executor(Loop):
     # -- claiming ---------------------------------------------------------------------------
 
     async def _claim(self, conn: psycopg.AsyncConnection[Any], shards: list[int],
-                     taken: list[int], carried: set[str], limit: int) -> list[dict[str, Any]]:
+                     taken: list[int], carried: set[str], limit: int, *,
+                     steal: bool = False) -> tuple[list[dict[str, Any]], bool]:
         """Up to `limit` tasks, not those `taken` already nor those of the instances `carried`
         on in this batch: what the engine decided for those is not written yet (a task it
-        dropped is still there)."""
-        (rows,) = await self._round_trip(conn, [_literal(q("tasks_claim"), {
-            "shards": shards, "claimed": taken, "carried": sorted(carried), "limit": limit})])
-        return rows
+        dropped is still there). With `steal`, also whether any task is queued at all, in the
+        same round trip: an idle executor then does not look over all shards for nothing."""
+        claim = _literal(q("tasks_claim"), {
+            "shards": shards, "claimed": taken, "carried": sorted(carried), "limit": limit})
+        results = await self._round_trip(conn, [claim, q("tasks_queued")] if steal else [claim])
+        return results[0], steal and bool(results[1][0]["queued"])
 
     @contextlib.asynccontextmanager
     async def _transaction(self, conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
@@ -602,13 +608,13 @@ class Executor(Loop):
                         effects.append((iid, e))
             finished: list[Outcome] = []
             if ahead:
-                step, outcome = ahead.pop(0)
-                if runnable == [(outcome.task["instance_id"], step)]:
+                step, early = ahead.pop(0)
+                if runnable == [(early.task["instance_id"], step)]:
                     runnable, ran = [], ran + 1
-                    finished.append(outcome)
+                    finished.append(early)
                 else:
-                    if outcome.savepoint is not None:     # a failed step is undone already
-                        await self._roll_back_to(conn, outcome.savepoint)
+                    if early.savepoint is not None:     # a failed step is undone already
+                        await self._roll_back_to(conn, early.savepoint)
                     ahead = []
             now_run = runnable[:steps_left] if time.monotonic() < deadline else []
             lookahead = self._steps_ahead(rows, states, now_run, now, steps_left)
@@ -784,8 +790,9 @@ class Executor(Loop):
                     await self._undo_step(conn, names, k)
                     outcomes.append(self._outcome(task, error=exc, started=begun))
                     return outcomes, False
-                outcomes.append(self._outcome(task, result=result, started=begun))
-                outcomes[-1].savepoint = names[k]
+                kept = self._outcome(task, result=result, started=begun)
+                kept.savepoint = names[k]
+                outcomes.append(kept)
                 continue
             assert error is not None
             await self._undo_step(conn, names, k)

@@ -46,6 +46,11 @@ ORDER BY t.id
 LIMIT %(limit)s::int
 FOR UPDATE OF t SKIP LOCKED;
 
+-- name: tasks_queued
+-- Is any task queued at all, claimable or not? An executor whose own shards gave it nothing
+-- steals from the others' only then (Executor._claim). The first key of the primary key.
+SELECT EXISTS (SELECT 1 FROM df.tasks ORDER BY id LIMIT 1) AS queued;
+
 -- name: tasks_complete_many
 -- Remove finished tasks and post their outcomes to the instances' mailboxes: one statement,
 -- committed with the steps themselves.

@@ -359,3 +359,37 @@ async def test_a_step_run_ahead_that_the_engine_does_not_issue_is_rolled_back(
     assert [len(group) for group in run.groups] == [2, 2]      # 1 and 99, 2 and 99
     assert await run.statuses([wf]) == [("completed", None)]
     assert await run.ledger() == [1, 2]
+
+
+async def test_an_executor_whose_shards_are_empty_steals_only_what_is_queued(
+        fresh_dsn: str, aconn: psycopg.AsyncConnection[Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Executor 0 of 2 prefers the even shards. With nothing queued, it looks once (its shards
+    # and whether anything is queued at all, in one round trip); a task on an odd shard it
+    # steals.
+    settings = config.from_env({})
+    executor = Executor(settings, fresh_dsn, index=0, count=2)
+    dispatcher = Dispatcher(settings, fresh_dsn)
+    trips: list[str] = []
+    original = db.simple_query
+
+    async def counted(conn: Any, text: str) -> Any:
+        trips.append(text)
+        return await original(conn, text)
+
+    monkeypatch.setattr(db, "simple_query", counted)
+    async with await db.connect(fresh_dsn, role="test executor", autocommit=True,
+                                options=executor.connection_options()) as econn, \
+            await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn:
+        executor.idle, executor.conn = False, econn
+        assert await executor.work_once(econn) == 0
+        assert len(trips) == 1, trips
+        row = await (await aconn.execute(f"SELECT df.start($${ledger_step(1)}$$)")).fetchone()
+        assert row is not None
+        while await dispatcher.work_once(dconn):
+            pass
+        await aconn.execute("UPDATE df.tasks SET shard = 1")     # executor 1's
+        assert await executor.work_once(econn) == 1
+    assert await (await aconn.execute("SELECT status FROM df.instances")).fetchone() == (
+        "completed",)
+    assert await (await aconn.execute("SELECT n FROM pl_ledger")).fetchall() == [(1,)]
