@@ -151,6 +151,7 @@ def _asked(task: dict[str, Any], cancels: list[tuple[str, str]]) -> bool:
                for instance, node in cancels)
 
 
+FIRST_EXECUTOR_LEAD = 0.003  # seconds the other executors wait when a NOTIFY wakes them
 CLAIM_GROUP = 16             # tasks claimed together once a batch's first step has run
 TIMEOUT_SLACK = 0.05          # seconds: a cancel this close to the time-out is the time-out
 
@@ -283,6 +284,11 @@ class Executor(Loop):
     def __init__(self, settings: Settings, dsn: str, *, index: int = 0, count: int = 1) -> None:
         super().__init__(settings, dsn, index=index)
         self.count = count
+        if index:
+            # A start rings every idle executor, and one of them can take it: woken from idle,
+            # the first executor of a supervisor goes at once, the others a moment later, so
+            # that a lone workflow costs one executor a round, not all of them.
+            self.wake_delay = FIRST_EXECUTOR_LEAD
         self.mine = [s for s in range(settings.shards) if s % count == index % count]
         self.all_shards = list(range(settings.shards))
         self.listener.keep_payloads = True

@@ -59,3 +59,30 @@ def test_backed_off_runtime_still_reacts_at_once(fresh_dsn: str) -> None:
             until_sync(lambda: c.execute("SELECT status FROM df.instances WHERE id = %s",
                                          (row[0],)).fetchone() == ("completed",), timeout=10)
             assert time.monotonic() - started < 1.5
+
+
+def test_a_lone_workflow_on_an_idle_runtime_is_taken_by_the_first_executor(
+        fresh_dsn: str) -> None:
+    """A start rings every idle executor; the first goes at once, the others a moment later
+    (FIRST_EXECUTOR_LEAD), so it is the one that runs a lone workflow (nearly always: a first
+    executor slower than the lead loses it to another, which is correct too)."""
+    import json
+
+    import psycopg
+
+    from tests.helpers import until_sync
+    from tests.runtime import Runtime
+
+    with Runtime(fresh_dsn, executors=3) as rt, \
+            psycopg.connect(fresh_dsn, autocommit=True) as c:
+        ids = []
+        for _ in range(10):
+            row = c.execute("SELECT df.start($$SELECT 1$$ ~> $$SELECT 2$$)").fetchone()
+            assert row is not None
+            ids.append(wf := row[0])
+            until_sync(lambda wf=wf: c.execute("SELECT status FROM df.instances WHERE id = %s",
+                                               (wf,)).fetchone() == ("completed",), timeout=10)
+        ran_by = [entry.get("executor") for entry in map(json.loads, rt.log().splitlines())
+                  if entry.get("event") == "instance_finished" and entry.get("instance_id") in ids]
+    assert len(ran_by) == 10
+    assert ran_by.count(0) >= 8, ran_by
