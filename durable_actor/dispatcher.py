@@ -51,8 +51,9 @@ class Dispatcher(Loop):
     role = "dispatcher"
     channels = ("df_mailbox",)
     # Idle executors take fresh mail themselves and run the steps it starts at once
-    # (Executor._take_mail); woken from idle, the dispatcher lets them go first. A busy
-    # dispatcher does not wait: it claims again as soon as a round found mail.
+    # (Executor._take_mail); woken from idle, the dispatcher lets them go first: it waits
+    # wake_delay, then takes only mail at least that old (work_once). A busy dispatcher does
+    # not wait: it claims again, all mail, as soon as a round found some.
     wake_delay = 0.003
 
     def connection_options(self) -> dict[str, str]:
@@ -90,7 +91,12 @@ class Dispatcher(Loop):
         async with db.pipeline(conn), conn.transaction(), \
                 conn.cursor(row_factory=dict_row) as cur:
             limit = self.settings.dispatcher_batch
-            await cur.execute(q("instances_claim_with_mail"), {"limit": limit, "scan": limit * 2})
+            # Woken from idle by a NOTIFY, after wake_delay: the mail the idle executors left
+            # in that time, none younger (a start committed meanwhile is theirs too).
+            older_than = self.wake_delay if self.woken else 0.0
+            self.woken = False
+            await cur.execute(q("instances_claim_with_mail"),
+                              {"limit": limit, "scan": limit * 2, "older_than": older_than})
             row = await cur.fetchone()
             assert row is not None
             claimed, mail, nodes = actors.claimed(row)

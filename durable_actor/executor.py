@@ -368,7 +368,7 @@ class Executor(Loop):
         async with self._transaction(conn), conn.cursor(row_factory=dict_row) as cur:
             ((row,),) = await self._round_trip(conn, [_literal(
                 q("instances_claim_with_mail"),
-                {"limit": CLAIM_GROUP, "scan": CLAIM_GROUP * 2})])
+                {"limit": CLAIM_GROUP, "scan": CLAIM_GROUP * 2, "older_than": 0.0})])
             claimed, mail, loaded = actors.claimed(row)
             if not claimed:
                 return 0

@@ -57,6 +57,7 @@ class Loop:
         self.beat: Callable[[], None] | None = None
         self.looped_once = False
         self.idle_rounds = 0
+        self.woken = False   # the next round follows a NOTIFY that ended an idle wait
 
     # -- to override ------------------------------------------------------------------
 
@@ -114,6 +115,7 @@ class Loop:
                     timeout = await self.idle_timeout(self.conn)
                     if await self._idle_wait(timeout, stop):
                         self.idle_rounds = 0
+                        self.woken = True
                         if self.wake_delay:
                             await _first_of(asyncio.sleep(self.wake_delay), stop.wait())
                     else:

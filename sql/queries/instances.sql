@@ -3,8 +3,10 @@
 -- (df._claim_with_mail: the nodes with a snapshot taken after the locks), in one round trip:
 -- everything the engine needs of them, as three JSON arrays (actors.claimed). SKIP LOCKED:
 -- another process owns the rest for now; one actor runs in one place. Mail that arrives
--- after the claim stays for the next round.
-SELECT instances, mail, nodes FROM df._claim_with_mail(%(limit)s::int, %(scan)s::int);
+-- after the claim stays for the next round, and so does mail younger than %(older_than)s
+-- seconds (Dispatcher.work_once).
+SELECT instances, mail, nodes
+FROM df._claim_with_mail(%(limit)s::int, %(scan)s::int, %(older_than)s::float8 * interval '1 s');
 
 -- name: nodes_load_many
 -- The nodes of each instance through the index, whatever the statistics say: on a fresh

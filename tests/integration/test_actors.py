@@ -52,6 +52,23 @@ async def test_an_idle_executor_takes_a_start_and_runs_its_steps_at_once(
     assert await _one(aconn, "SELECT count(*) FROM df.tasks") == 0
 
 
+async def test_a_dispatcher_woken_for_fresh_mail_leaves_it_to_the_idle_executors(
+        fresh_dsn: str, aconn: psycopg.AsyncConnection[Any]) -> None:
+    # The round that follows a wake takes only mail as old as the wait before it: here a long
+    # wait, so the start just made is left; the next round, or an idle executor, takes it.
+    i = await _one(aconn, WORKFLOW)
+    dispatcher = Dispatcher(config.from_env({}), fresh_dsn)
+    dispatcher.wake_delay = 3600.0
+    async with await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn:
+        dispatcher.woken = True
+        assert await dispatcher.work_once(dconn) == 0
+        assert await _one(aconn, "SELECT count(*) FROM df.mailbox WHERE instance_id = %s",
+                          i) == 1
+        assert await dispatcher.work_once(dconn) == 1       # not woken: all mail
+    assert await _one(aconn, "SELECT status FROM df.instances WHERE id = %s", i) == "running"
+    assert await _one(aconn, "SELECT count(*) FROM df.tasks WHERE instance_id = %s", i) == 1
+
+
 async def test_a_busy_executor_leaves_mail_to_the_dispatcher(
         fresh_dsn: str, aconn: psycopg.AsyncConnection[Any]) -> None:
     ids = [await _one(aconn, WORKFLOW) for _ in range(3)]
