@@ -94,7 +94,6 @@ class Dispatcher(Loop):
             # Woken from idle by a NOTIFY, after wake_delay: the mail the idle executors left
             # in that time, none younger (a start committed meanwhile is theirs too).
             older_than = self.wake_delay if self.woken else 0.0
-            self.woken = False
             await cur.execute(q("instances_claim_with_mail"),
                               {"limit": limit, "scan": limit * 2, "older_than": older_than})
             row = await cur.fetchone()

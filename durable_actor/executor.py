@@ -626,7 +626,7 @@ class Executor(Loop):
             lookahead = self._steps_ahead(rows, states, now_run, now, steps_left)
             outcomes, cut = await self._run_ahead(
                 conn, cur, [_inline_task(rows[iid], e) for iid, e in now_run],
-                [_inline_task(rows[now_run[0][0]], e) for e in lookahead])
+                [{**_inline_task(rows[now_run[0][0]], e), "ahead": True} for e in lookahead])
             ran += len(now_run)
             steps_left = 0 if cut else steps_left - len(now_run) - len(lookahead)
             for (iid, e), outcome in itertools.zip_longest(runnable, outcomes[:len(now_run)]):
@@ -815,12 +815,16 @@ class Executor(Loop):
                                  others_wait: bool) -> tuple[Outcome | None, bool]:
         """The outcome of a pipelined step whose statement `at` (its SAVEPOINT is 0, its own
         statement 2) failed with `error`, once it has been rolled back; and whether the batch
-        was cut short. As `_run_step`, or by it."""
+        was cut short. As `_run_step`, or by it; but a step run ahead of its predecessor's
+        outcome (`_carry`) is not run alone (it could not be rolled back once run so): it runs
+        once the engine issues it."""
         if isinstance(error, psycopg.errors.QueryCanceled):   # wherever the cancel landed
             metrics.step_started("sql")
             outcome = self._cancelled(task, cancelled(error), started, cut=cut)
             return outcome, cut and outcome is None
         if at == 1 or (at == 2 and error.sqlstate in RUN_ALONE):
+            if task.get("ahead"):
+                return None, False
             return await self._run_step(conn, cur, task, others_wait=others_wait)
         metrics.step_started("sql")                           # as run_sql, _epilogue_now
         return self._outcome(task, error=sql_step.step_error(error, retryable=at == 2),

@@ -103,6 +103,7 @@ class Loop:
                                                      prepare=self.prepares,
                                                      autocommit=self.autocommit)
                     handled = await self.work_once(self.conn)
+                    self.woken = False
                     backoff.reset()
                     self._looped()
                     if handled:

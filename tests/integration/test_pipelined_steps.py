@@ -393,3 +393,17 @@ async def test_an_executor_whose_shards_are_empty_steals_only_what_is_queued(
     assert await (await aconn.execute("SELECT status FROM df.instances")).fetchone() == (
         "completed",)
     assert await (await aconn.execute("SELECT n FROM pl_ledger")).fetchall() == [(1,)]
+
+
+async def test_a_wrong_step_ahead_that_only_runs_alone_is_never_run(
+        run: Run, aconn: psycopg.AsyncConnection[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A statement that cannot be typed in the pipeline (42P18) runs alone; a step ahead is not
+    # run so (once run alone it could not be rolled back), so a wrong guess leaves nothing.
+    wrong = engine.RunStep("ffffffff", 99, "sql", {
+        "query": "WITH i AS (INSERT INTO pl_ledger VALUES (99) RETURNING n)"
+                 " SELECT $x.s IS NULL AS missing FROM i",
+        "node_type": "SQL", "results": {"x": {"rows": [{"s": "w"}], "row_count": 1}}})
+    monkeypatch.setattr(engine, "steps_ahead", lambda *args: [wrong])
+    wf = await lone(run, f"$${ledger_step(1)}$$ ~> $${ledger_step(2)}$$")
+    assert await run.statuses([wf]) == [("completed", None)]
+    assert await run.ledger() == [1, 2]
