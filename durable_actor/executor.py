@@ -463,7 +463,7 @@ class Executor(Loop):
         claim = _literal(q("tasks_claim"), {
             "shards": shards, "claimed": taken, "carried": sorted(carried), "limit": limit})
         results = await self._round_trip(conn, [claim, q("tasks_queued")] if steal else [claim])
-        return results[0], steal and bool(results[1][0]["queued"])
+        return results[0], steal and bool(results[1])
 
     @contextlib.asynccontextmanager
     async def _transaction(self, conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:

@@ -47,9 +47,11 @@ LIMIT %(limit)s::int
 FOR UPDATE OF t SKIP LOCKED;
 
 -- name: tasks_queued
--- Is any task queued at all, claimable or not? An executor whose own shards gave it nothing
--- steals from the others' only then (Executor._claim). The first key of the primary key.
-SELECT EXISTS (SELECT 1 FROM df.tasks ORDER BY id LIMIT 1) AS queued;
+-- Is any task queued at all, claimable or not (a row, or none)? An executor whose own shards
+-- gave it nothing steals from the others' only then (Executor._claim). The primary key's
+-- first entry: EXISTS would drop the order and read the table from its start, dead rows and
+-- all, whatever the statistics say.
+SELECT t.id FROM df.tasks t ORDER BY t.id LIMIT 1;
 
 -- name: tasks_complete_many
 -- Remove finished tasks and post their outcomes to the instances' mailboxes: one statement,

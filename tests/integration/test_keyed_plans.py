@@ -19,6 +19,7 @@ import pytest
 from durable_actor import config, db
 from durable_actor.dispatcher import Dispatcher
 from durable_actor.executor import Executor
+from durable_actor.queries import q
 
 WORKFLOW = "SELECT df.start($$SELECT 1$$ ~> $$SELECT 1$$)"
 TABLES = ("instances", "nodes", "mailbox")
@@ -81,3 +82,22 @@ async def test_the_dispatcher_reads_and_writes_by_key_after_the_tables_grew(
         await dconn.commit()
     assert handled >= 400
     assert scans == dict.fromkeys(TABLES, 0)
+
+
+async def test_an_idle_executors_look_for_queued_tasks_reads_the_key_not_the_table(
+        aconn: psycopg.AsyncConnection[Any], fresh_dsn: str) -> None:
+    # A queue emptied a moment ago is all dead rows until vacuumed; whether a task is queued
+    # is answered from the primary key's first entry, not by reading the table from its start.
+    await aconn.execute(
+        "INSERT INTO df.tasks (instance_id, node_id, activation, shard, kind, submitted_by,"
+        "                      payload)"
+        " SELECT 'i' || g, 'n', 1, g % 64, 'sql', current_user::regrole, '{}'"
+        " FROM generate_series(1, 2000) g")
+    await aconn.execute("DELETE FROM df.tasks")
+    async with await psycopg.AsyncConnection.connect(fresh_dsn) as session:
+        cur = await session.execute(q("tasks_queued"))
+        assert await cur.fetchall() == []
+        cur = await session.execute(
+            "SELECT seq_scan FROM pg_stat_xact_user_tables"
+            " WHERE schemaname = 'df' AND relname = 'tasks'")
+        assert await cur.fetchone() == (0,)
