@@ -646,8 +646,9 @@ class Executor(Loop):
                      now_run: list[tuple[str, engine.RunStep]], now: datetime,
                      steps_left: int) -> list[engine.RunStep]:
         """The steps to run ahead of a lone step's outcome (`_carry`): those that follow it in
-        this database, within the budget."""
-        if len(now_run) != 1:
+        this database, within the budget; none where its steps cannot share a round trip
+        (`_pipelinable`: a role not trusted, or after a redone batch)."""
+        if len(now_run) != 1 or self.eager or rows[now_run[0][0]]["role"] not in self.trusted:
             return []
         iid, step = now_run[0]
         return list(itertools.takewhile(
