@@ -1,7 +1,7 @@
 -- name: instances_prune_finished
 -- Delete up to %(limit)s finished root instances older than the retention window, with their
--- whole tree: child instances and nodes by ON DELETE CASCADE; commands, mail, tasks and timers
--- by instance id (no foreign key points at them). Age is finished_at (set when an instance
+-- whole tree: child instances by ON DELETE CASCADE, nodes by the trigger instances_delete_nodes
+-- (migration 0018); commands, mail, tasks and timers by instance id here. Age is finished_at (set when an instance
 -- reaches completed/failed/cancelled; never user-writable). SKIP LOCKED: an instance a
 -- dispatcher holds right now is left for the next pass. A negative or missing
 -- retention_days disables pruning.

@@ -339,6 +339,8 @@ CALL_ERRORS: list[tuple[str, str]] = [
     ("'{\"node_type\":\"JOIN\",\"extra_nodes\":{}}' | 'x'", "Invalid Durofut JSON"),
     ("'{\"node_type\":\"JOIN\",\"extra_nodes\":[\"SELECT 1\"]}' | 'x'",
      "extra_nodes entries must be Durofut JSON objects"),
+    ("'{\"node_type\":\"JOIN\",\"extra_nodes\":[[{\"node_type\":\"SQL\",\"query\":\"x\"}]]}' | 'x'",
+     "extra_nodes entries must be Durofut JSON objects"),
     ("'{\"node_type\":\"SQL\",\"query\":\"x\",\"result_name\":7}' |=> 'n'", "Invalid Durofut JSON"),
     ("df.loop(jsonb_build_object('node_type', 'THEN', 'left_node',"
      " jsonb_build_object('query', 'SELECT 1'))::text)", "missing field `node_type`"),

@@ -46,6 +46,8 @@ def test_finished_instances_are_pruned_running_ones_never(fresh_dsn: str) -> Non
         # A child instance (as a branch run as its own actor has), finished with its root.
         c.execute("INSERT INTO df.instances (id, root_node, parent_id, status, finished_at)"
                   " VALUES ('c0ffee00', 'c0ffee01', %s, 'completed', now())", (done,))
+        c.execute("INSERT INTO df.nodes (id, instance_id, node_type, status, submitted_by)"
+                  " VALUES ('c0ffee01', 'c0ffee00', 'SQL', 'completed', current_user::regrole)")
         tree = _tree(c, done)
         assert len(tree) == 2
         # Make the running one look ancient: age alone never prunes it.
@@ -94,3 +96,19 @@ async def test_prune_respects_the_window_and_batches(fresh_dsn: str) -> None:
         assert {r[0] async for r in await ac.execute("SELECT id FROM df.instances")} == {ids[4]}
         await ac.execute("UPDATE df.settings SET value = '-1' WHERE name = 'retention_days'")
         assert await retention.prune_once(ac, now=later + timedelta(days=999)) == (0, 0)
+
+
+def test_deleting_instances_deletes_their_nodes(fresh_dsn: str) -> None:
+    """By hand as operations.md shows: the nodes of the instances deleted, and of their child
+    instances, go in the same statement; no other instance's."""
+    with psycopg.connect(fresh_dsn, autocommit=True) as c:
+        c.execute("UPDATE df.settings SET value = 'true' WHERE name = 'enable_superuser_instances'")
+        gone, kept = _start(c, "$$SELECT 1$$ ~> $$SELECT 2$$"), _start(c, "$$SELECT 3$$")
+        c.execute("INSERT INTO df.instances (id, root_node, parent_id)"
+                  " VALUES ('c0ffee00', 'c0ffee01', %s)", (gone,))
+        c.execute("INSERT INTO df.nodes (id, instance_id, node_type, submitted_by)"
+                  " VALUES ('c0ffee01', 'c0ffee00', 'SQL', current_user::regrole)")
+        nodes = "SELECT count(*) FROM df.nodes WHERE instance_id = ANY(%s)"
+        assert (_count(c, nodes, [gone, "c0ffee00"]), _count(c, nodes, [kept])) == (4, 1)
+        c.execute("DELETE FROM df.instances WHERE id = %s", (gone,))
+        assert (_count(c, nodes, [gone, "c0ffee00"]), _count(c, nodes, [kept])) == (0, 1)
