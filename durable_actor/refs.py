@@ -205,6 +205,8 @@ def referenced_names(text: str, names: Mapping[str, Any]) -> list[str]:
         text: SQL text, an HTTP field or a break value, after ``{var}`` expansion.
         names: the names bound so far (only the keys are used).
     """
+    if not names or "$" not in text:     # most steps: nothing to look for
+        return []
     seen: dict[str, None] = {}
     for ref in _text_refs(text, names):
         seen.setdefault(ref.name, None)
