@@ -9,7 +9,7 @@
 --     an EXISTS over extra_nodes in its CASE: a query at every call, whatever the node. A
 --     JSON path does the same test inside the expression;
 --   * the start limits, the submitter's check and the start template each read their
---     settings (and the template its key) one df._setting call at a time: one query each now.
+--     settings (and the template its key) one df._setting call at a time: one query each now;
 --   * each node row checked its instance through the foreign key, a query per row (five for
 --     a ~> b ~> c, an eighth of what df.start cost), always in the transaction that had just
 --     inserted that instance or copies nodes to it. The key goes; deleting instances still
