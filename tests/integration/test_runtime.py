@@ -300,3 +300,20 @@ def test_await_errors(db: psycopg.Connection[Any]) -> None:
     with pytest.raises(psycopg.Error, match="timeout_seconds"):
         db.execute("SELECT df.await_instance(%s, 0)", (i,))
     db.execute("SELECT df.cancel(%s)", (i,))
+
+
+def test_each_finished_instance_is_notified_on_df_done(module_dsn: str,
+                                                       db: psycopg.Connection[Any]) -> None:
+    """Instances finished in one round each get their own df_done NOTIFY, their id as the
+    payload (sent in one statement for the round)."""
+    with psycopg.connect(module_dsn, autocommit=True) as listener:
+        listener.execute("LISTEN df_done")
+        ids = {r[0] for r in db.execute(
+            "SELECT df.start($$SELECT 1$$ ~> $$SELECT 2$$) FROM generate_series(1, 5)")}
+        seen: set[str] = set()
+        for note in listener.notifies(timeout=20):
+            seen.add(note.payload)
+            if ids <= seen:
+                break
+    assert ids <= seen
+    assert all(wait(db, i) == "completed" for i in ids)
