@@ -130,8 +130,25 @@ BEGIN
     END IF;
 END $$;
 
--- 0013's template, its settings and the seal's key read in one query; sealed as df._seal
--- does.
+-- A text's seal under a key (as bytes): hex of sha256(key || sha256(key || text)). df._seal
+-- (0013) is this under df.secrets' start_template_key; a caller that has the key already
+-- passes it. SQL, inlined where it is called.
+CREATE FUNCTION df._seal_with(p_key bytea, p_text text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT encode(sha256(p_key || sha256(p_key || convert_to(p_text,
+                                                             pg_catalog.getdatabaseencoding()))),
+                  'hex')
+$$;
+
+CREATE OR REPLACE FUNCTION df._seal(p_text text) RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN df._seal_with(convert_to((SELECT value FROM df.secrets
+                                     WHERE name = 'start_template_key'),
+                                    pg_catalog.getdatabaseencoding()), p_text);
+END $$;
+
+-- 0013's template, its settings and the seal's key read in one query.
 CREATE OR REPLACE FUNCTION df._start_template(p_graph text) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
@@ -152,15 +169,28 @@ BEGIN
     v_key := encode(sha256(convert_to(concat_ws(E'\n', '1', v_depth, v_count, p_graph),
                                       pg_catalog.getdatabaseencoding())), 'hex');
     IF substr(v_kept, 65, 64) = v_key
-       AND left(v_kept, 64) = encode(sha256(v_seal_key || sha256(v_seal_key || convert_to(
-               substr(v_kept, 65), pg_catalog.getdatabaseencoding()))), 'hex') THEN
+       AND left(v_kept, 64) = df._seal_with(v_seal_key, substr(v_kept, 65)) THEN
         RETURN substr(v_kept, 129)::jsonb;
     END IF;
     v_template := df._graph_template(df._validate_graph(p_graph));
     v_text := v_template::text;
     IF octet_length(v_text) <= 65536 THEN
-        PERFORM set_config('df.start_template', df._seal(v_key || v_text) || v_key || v_text,
-                           false);
+        PERFORM set_config('df.start_template',
+                           df._seal_with(v_seal_key, v_key || v_text) || v_key || v_text, false);
     END IF;
     RETURN v_template;
 END $$;
+
+REVOKE ALL ON FUNCTION df._seal_with(bytea, text) FROM PUBLIC;
+
+-- The runtime's alone, never granted: 0015's list and df._seal_with.
+CREATE OR REPLACE FUNCTION df._internal_functions() RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY['_command_start', '_command_signal', '_command_cancel', '_start_new',
+                 '_check_submitter', '_visible_instance', '_loopback_conninfo',
+                 '_grant_usage_0003', '_revoke_usage_0003', '_install_step_function',
+                 '_drop_step_function', '_step_function_name', '_command_limits',
+                 '_unfinished_instances', '_doorbell', '_graph_template', '_store_template',
+                 '_node_id', '_seal', '_start_template', '_claim_with_mail', '_as_trusted',
+                 '_after_step', '_seal_with']
+$$;
