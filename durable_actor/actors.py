@@ -29,11 +29,6 @@ from durable_actor.config import Settings
 from durable_actor.graph import Graph, node_from_row
 from durable_actor.queries import q
 
-# One NOTIFY per payload, in order, in one statement (a statement each cost a parse and a
-# plan per finished instance).
-_NOTIFY_EACH = ("SELECT pg_catalog.pg_notify(%(channel)s::text, p)"
-                " FROM unnest(%(payloads)s::text[]) AS u(p)")
-
 
 def shard_of(instance_id: str, shards: int) -> int:
     return zlib.crc32(instance_id.encode()) % shards
@@ -218,12 +213,12 @@ class Actors:
         cancels = [iid for iid, e in finished if e.status == "cancelled"]
         cancels += [f"{iid} {nid}" for iid, e in drops if e.node_ids for nid in e.node_ids]
         if cancels:
-            await cur.execute(_NOTIFY_EACH, {"channel": "df_cancel", "payloads": cancels})
+            await cur.execute(q("notify_each"), {"channel": "df_cancel", "payloads": cancels})
         for iid, e in finished:
             self.log.info("instance_finished", instance_id=iid, status=e.status, error=e.error)
         if finished:
-            await cur.execute(_NOTIFY_EACH, {"channel": "df_done",
-                                             "payloads": [iid for iid, _ in finished]})
+            await cur.execute(q("notify_each"), {"channel": "df_done",
+                                                 "payloads": [iid for iid, _ in finished]})
 
     async def _children(self, cur: Statements,
                         effects: list[tuple[str, engine.Effect]],

@@ -62,3 +62,9 @@ WHERE i.id = ANY(%(ids)s::text[])
   AND i.status = 'running'
   AND NOT EXISTS (SELECT 1 FROM df.mailbox m WHERE m.instance_id = i.id)
 FOR UPDATE OF i SKIP LOCKED;
+
+-- name: notify_each
+-- One NOTIFY on %(channel)s per payload, in order, in one statement: df_done for the
+-- instances a round finished, df_cancel for what it cancelled (a statement each cost a parse
+-- and a plan per instance).
+SELECT pg_catalog.pg_notify(%(channel)s::text, p) FROM unnest(%(payloads)s::text[]) AS u(p);

@@ -1,10 +1,10 @@
 -- name: instances_prune_finished
 -- Delete up to %(limit)s finished root instances older than the retention window, with their
--- whole tree: child instances by ON DELETE CASCADE, nodes by the trigger instances_delete_nodes
--- (migration 0018); commands, mail, tasks and timers by instance id here. Age is finished_at (set when an instance
--- reaches completed/failed/cancelled; never user-writable). SKIP LOCKED: an instance a
--- dispatcher holds right now is left for the next pass. A negative or missing
--- retention_days disables pruning.
+-- whole tree: child instances by ON DELETE CASCADE, nodes by the trigger
+-- instances_delete_nodes (migration 0018); commands, mail, tasks and timers by instance id
+-- here. Age is finished_at (set when an instance reaches completed/failed/cancelled; never
+-- user-writable). SKIP LOCKED: an instance a dispatcher holds right now is left for the next
+-- pass. A negative or missing retention_days disables pruning.
 WITH RECURSIVE cutoff AS (
     SELECT coalesce(%(now)s::timestamptz, now())
            - make_interval(secs => d * 86400) AS at
