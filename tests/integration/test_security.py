@@ -339,11 +339,13 @@ def test_running_instances_per_role_are_capped(
                       " WHERE name = 'max_running_instances_per_role'")
 
 
+@pytest.mark.parametrize("limit", [4000, 10000])
 def test_a_large_cap_holds_exactly_at_the_limit(
-        module_dsn: str, users: dict[str, str], admin: Conn) -> None:
-    """Above 1024 the count starts from a 1/16 sample of the role's instance ids; near the
-    limit it is exact, so the cap holds to the instance."""
-    admin.execute("UPDATE df.settings SET value = '4000' WHERE name = 'max_running_instances_per_role'")
+        module_dsn: str, users: dict[str, str], admin: Conn, limit: int) -> None:
+    """Above 1024 the count starts from a 1/16 sample of the role's instance ids, from 8192
+    from a 1/256 sample first; near the limit it is exact, so the cap holds to the instance."""
+    admin.execute("UPDATE df.settings SET value = %s WHERE name = 'max_running_instances_per_role'",
+                  (str(limit),))
     fill = ("INSERT INTO df.instances (id, root_node, status, submitted_by)"
             " SELECT left(md5('cap' || g), 8), '00000000', 'pending', r.oid"
             " FROM pg_roles r, generate_series(%s::int, %s::int) g"
@@ -351,18 +353,27 @@ def test_a_large_cap_holds_exactly_at_the_limit(
     try:
         with connect_as(module_dsn, users["bob"]) as b:
             b.execute("SELECT df.cancel(id) FROM df.instances WHERE status IN ('pending', 'running')")
-            admin.execute(fill, (1, 3999, users["bob"]))
-            first = one(b, "SELECT df.start(df.wait_for_signal('go', 60))")   # the 4000th
+            admin.execute(fill, (1, limit - 1, users["bob"]))
+            first = one(b, "SELECT df.start(df.wait_for_signal('go', 60))")   # the last one
             with pytest.raises(psycopg.errors.ProgramLimitExceeded,
-                               match="has 4000 pending or running instances"):
+                               match=f"has {limit} pending or running instances"):
                 b.execute("SELECT df.start('SELECT 1')")
             b.execute("SELECT df.cancel(%s)", (first,))
             admin.execute("DELETE FROM df.instances WHERE id IN"
-                          " (SELECT left(md5('cap' || g), 8) FROM generate_series(1000, 3999) g)")
+                          " (SELECT left(md5('cap' || g), 8) FROM generate_series(1000, %s) g)",
+                          (limit - 1,))
             b.execute("SELECT df.cancel(df.start('SELECT 1'))")     # 999 left: sampled, passes
+            # A finished instance no longer counts: at the limit again, one of them finishes.
+            admin.execute(fill, (1000, limit - 1, users["bob"]))
+            last = one(b, "SELECT df.start(df.wait_for_signal('go', 60))")
+            with pytest.raises(psycopg.errors.ProgramLimitExceeded):
+                b.execute("SELECT df.start('SELECT 1')")
+            b.execute("SELECT df.cancel(%s)", (last,))
+            b.execute("SELECT df.cancel(df.start('SELECT 1'))")
     finally:
         admin.execute("DELETE FROM df.instances WHERE id IN"
-                      " (SELECT left(md5('cap' || g), 8) FROM generate_series(1, 3999) g)")
+                      " (SELECT left(md5('cap' || g), 8) FROM generate_series(1, %s) g)",
+                      (limit - 1,))
         admin.execute("UPDATE df.settings SET value = '10000'"
                       " WHERE name = 'max_running_instances_per_role'")
 
