@@ -13,10 +13,10 @@
 -- begins with 0. A finished instance leaves its entry in the partial index until vacuum, so in
 -- a burst that sample walked hundreds of entries at every start. Above a limit of 8192 the
 -- count now starts from 1 in 256 (ids beginning 00): an estimate below a quarter of the limit
--- is returned as it is; otherwise the count goes on as before. At the limit the sample's mean
--- is at least 32, and it passes below a quarter of the limit with a chance under 1e-7 (under
--- 1e-8 at the default limit, 10000); the 1-in-16 sample's worst case, at a limit of 1025, is
--- 7e-6.
+-- is returned as it is; otherwise the count goes on as before. A role at the limit passes the
+-- new sample (its mean there is at least 32) with a chance under 5e-7 (worst at a limit of
+-- 8196; 8e-9 at the default limit, 10000); the 1-in-16 sample's worst case, at a limit of
+-- 1026, is 7e-6.
 
 DROP INDEX df.instances_unfinished_by_role;
 CREATE INDEX instances_unfinished_by_role ON df.instances (submitted_by, id)

@@ -5,7 +5,7 @@ is made while the tables of a fresh database are tiny. A sequential scan is then
 plan, and it stays the plan when the table has grown to thousands of rows: every claim read
 every instance. These tests let the plans be made on tiny tables, grow the tables, and count
 the sequential scans the runtime's statements make after that (PostgreSQL's own counters of
-the transaction).
+the transaction). The same counters show an instance's first update writing no index entry.
 """
 
 from __future__ import annotations
@@ -101,3 +101,26 @@ async def test_an_idle_executors_look_for_queued_tasks_reads_the_key_not_the_tab
             "SELECT seq_scan FROM pg_stat_xact_user_tables"
             " WHERE schemaname = 'df' AND relname = 'tasks'")
         assert await cur.fetchone() == (0,)
+
+
+async def test_an_instances_first_update_writes_no_index_entry(
+        aconn: psycopg.AsyncConnection[Any], fresh_dsn: str) -> None:
+    # pending -> running is a HOT update: no index of df.instances covers status, in its
+    # columns or in its predicate (migration 0019), so only the row changes.
+    dispatcher = Dispatcher(config.from_env({}), fresh_dsn)
+    async with await db.connect(fresh_dsn, role="test dispatcher", prepare=True,
+                                options=dispatcher.connection_options()) as dconn:
+        await start(aconn, 3)
+        await dconn.execute("SELECT 1")     # one transaction: its counters are the rounds'
+        handled = 0
+        while took := await dispatcher.work_once(dconn):
+            handled += took
+        cur = await dconn.execute(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
+            " WHERE schemaname = 'df' AND relname = 'instances'")
+        counters = await cur.fetchone()
+        cur = await dconn.execute("SELECT array_agg(DISTINCT status) FROM df.instances")
+        statuses = await cur.fetchone()
+        await dconn.commit()
+    assert handled == 3 and statuses == (["running"],)
+    assert counters == (3, 3)
