@@ -6,8 +6,11 @@
 -- index's predicate counts: an instance's first update, pending -> running, wrote a new entry
 -- in every index of df.instances. finished_at is NULL exactly while an instance is pending or
 -- running (the statements that finish an instance set it, those that write another status
--- leave it NULL), and it is already indexed: the index is now partial on it, and pending -> running is HOT when the
--- page has room (in a burst of 3-step workflows: 0.25 -> 1.0 HOT updates of 2 per instance).
+-- leave it NULL), and it is already indexed: the index is now partial on it, and pending ->
+-- running is HOT when the page has room (in a burst of 3-step workflows: 0.25 -> 1.0 HOT
+-- updates of the 2 per instance).
+-- Writes to df.instances wait while the index is built: 0.1 s for a million instances, 1 % of
+-- them unfinished, on the reference VM.
 --
 -- The count that caps a role's unfinished instances (0011) starts from the 1 in 16 whose id
 -- begins with 0. A finished instance leaves its entry in the partial index until vacuum, so in
