@@ -14,8 +14,8 @@
 --
 -- The count that caps a role's unfinished instances (0011) starts from the 1 in 16 whose id
 -- begins with 0. A finished instance leaves its entry in the partial index until vacuum, so in
--- a burst that sample walked hundreds of entries at every start. Above a limit of 8192 the
--- count now starts from 1 in 256 (ids beginning 00): an estimate below a quarter of the limit
+-- a burst that sample walked hundreds of entries at every start. From a limit of 8192 on the
+-- count starts from 1 in 256 (ids beginning 00): an estimate below a quarter of the limit
 -- is returned as it is; otherwise the count goes on as before. A role at the limit passes the
 -- new sample (its mean there is at least 32) with a chance under 5e-7 (worst at a limit of
 -- 8196; 8e-9 at the default limit, 10000); the 1-in-16 sample's worst case, at a limit of

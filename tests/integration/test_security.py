@@ -342,8 +342,8 @@ def test_running_instances_per_role_are_capped(
 @pytest.mark.parametrize("limit", [4000, 10000])
 def test_a_large_cap_holds_exactly_at_the_limit(
         module_dsn: str, users: dict[str, str], admin: Conn, limit: int) -> None:
-    """Above 1024 the count starts from a 1/16 sample of the role's instance ids, from 8192
-    from a 1/256 sample first; near the limit it is exact, so the cap holds to the instance."""
+    """Above 1024 the count starts from a 1/16 sample of the role's instance ids (from 8192, a
+    1/256 sample before it); near the limit it is exact, so the cap holds to the instance."""
     admin.execute("UPDATE df.settings SET value = %s WHERE name = 'max_running_instances_per_role'",
                   (str(limit),))
     fill = ("INSERT INTO df.instances (id, root_node, status, submitted_by)"
