@@ -124,3 +124,97 @@ async def test_an_instances_first_update_writes_no_index_entry(
         await dconn.commit()
     assert handled == 3 and statuses == (["running"],)
     assert counters == (3, 3)
+
+
+def executor_statements(instances: list[str], nodes: list[tuple[str, str]],
+                        tasks: list[int]) -> list[tuple[str, dict[str, Any]]]:
+    """Each of the executor's per-round statements (migration 0020's functions), with values
+    (JSON as text, as actors.py sends it) of the right shape for the given instances, their
+    nodes and queued tasks."""
+    n = len(nodes)
+    return [
+        ("tasks_claim", {"shards": list(range(64)), "claimed": [], "carried": [], "limit": 16}),
+        ("instances_lock_quiet", {"ids": instances}),
+        ("nodes_load_many", {"ids": instances}),
+        ("nodes_update_many", {
+            "instance_ids": [i for i, _ in nodes], "ids": [nid for _, nid in nodes],
+            "statuses": ["pending"] * n, "results": [None] * n, "errors": [None] * n,
+            "activations": [0] * n, "details": [None] * n}),
+        ("instances_update_many", {
+            "ids": instances, "statuses": ["running"] * len(instances),
+            "names": ["{}"] * len(instances), "inboxes": ["[]"] * len(instances),
+            "execution_counts": [1] * len(instances), "seqs": [1] * len(instances),
+            "waiters": ["[]"] * len(instances)}),
+        ("work_drop_many", {"instance_ids": instances, "node_ids": [None] * len(instances)}),
+        ("tasks_insert_many", {
+            "instance_ids": instances, "node_ids": ["n"] * len(instances),
+            "activations": [1] * len(instances), "shards": [0] * len(instances),
+            "kinds": ["sql"] * len(instances), "payloads": ["{}"] * len(instances)}),
+        ("tasks_complete_many", {
+            "task_ids": tasks, "instance_ids": instances, "node_ids": ["n"] * len(instances),
+            "activations": [1] * len(instances), "payloads": ["{}"] * len(instances)}),
+    ]
+
+
+async def run_executor_statements(session: psycopg.AsyncConnection[Any],
+                                  aconn: psycopg.AsyncConnection[Any]) -> None:
+    """The executor's statements in `session` over 16 instances, their nodes and 16 queued
+    tasks (looked up on `aconn`, whose scans are not the session's)."""
+    cur = await aconn.execute("SELECT id FROM df.instances ORDER BY id DESC LIMIT 16")
+    instances = [r[0] for r in await cur.fetchall()]
+    cur = await aconn.execute(
+        "SELECT instance_id, id FROM df.nodes WHERE instance_id = ANY(%s)", (instances,))
+    nodes = [(r[0], r[1]) for r in await cur.fetchall()]
+    cur = await aconn.execute("SELECT id FROM df.tasks ORDER BY id DESC LIMIT 16")
+    tasks = [r[0] for r in await cur.fetchall()]
+    for name, params in executor_statements(instances, nodes, tasks):
+        await session.execute(q(name), params)
+
+
+async def queue_tasks(aconn: psycopg.AsyncConnection[Any], count: int) -> None:
+    await aconn.execute(
+        "INSERT INTO df.tasks (instance_id, node_id, activation, shard, kind, submitted_by,"
+        "                      payload)"
+        " SELECT id, root_node, 1, 0, 'sql', submitted_by, '{}' FROM df.instances"
+        " ORDER BY id LIMIT %s", (count,))
+
+
+async def test_the_executors_statements_read_and_write_by_key_in_a_session_that_planned_them_on_tiny_tables(  # noqa: E501
+        aconn: psycopg.AsyncConnection[Any], fresh_dsn: str) -> None:
+    # An executor's session: the planner settings are the server's, as for a user's step. Each
+    # statement's plan is made at its first call, on tiny tables, and kept (migration 0020).
+    tables = (*TABLES, "tasks", "timers")
+    async with await psycopg.AsyncConnection.connect(fresh_dsn) as session:
+        await start(aconn, 2)
+        await queue_tasks(aconn, 2)
+        await run_executor_statements(session, aconn)
+        await session.rollback()
+        await start(aconn, 400)
+        await queue_tasks(aconn, 400)
+        await aconn.execute(
+            "INSERT INTO df.timers (instance_id, node_id, activation, kind, due_at)"
+            " SELECT id, root_node, 1, 'node', now() FROM df.instances")
+        await run_executor_statements(session, aconn)
+        cur = await session.execute(
+            "SELECT relname, seq_scan FROM pg_stat_xact_user_tables WHERE schemaname = 'df'"
+            " AND relname = ANY(%s)", (list(tables),))
+        scans = dict(await cur.fetchall())
+        await session.rollback()
+    assert scans == dict.fromkeys(tables, 0)
+
+
+async def test_the_executors_plans_outlast_the_clean_up_after_a_step(
+        aconn: psycopg.AsyncConnection[Any], fresh_dsn: str) -> None:
+    # A step's prepared statements are all deallocated after it (df._after_step), and with
+    # them any the runtime kept; a PL/pgSQL function's plans are kept elsewhere (0020).
+    async with await psycopg.AsyncConnection.connect(fresh_dsn) as session:
+        await run_executor_statements(session, aconn)
+        await session.execute("PREPARE a_steps_own AS SELECT 1")
+        await session.execute("SELECT df._after_step()")
+        cur = await session.execute(
+            "SELECT (SELECT count(*) FROM pg_prepared_statements),"
+            "       count(*) FILTER (WHERE ident LIKE '%FROM df.tasks t%LIMIT p_limit%'),"
+            "       count(*) FILTER (WHERE ident LIKE '%UPDATE df.nodes n%'),"
+            "       count(*) FILTER (WHERE ident LIKE '%UPDATE df.instances i%')"
+            " FROM pg_backend_memory_contexts WHERE name = 'CachedPlan'")
+        assert await cur.fetchone() == (0, 1, 1, 1)
