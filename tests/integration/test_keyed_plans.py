@@ -218,3 +218,20 @@ async def test_the_executors_plans_outlast_the_clean_up_after_a_step(
             "       count(*) FILTER (WHERE ident LIKE '%UPDATE df.instances i%')"
             " FROM pg_backend_memory_contexts WHERE name = 'CachedPlan'")
         assert await cur.fetchone() == (0, 1, 1, 1)
+
+
+async def test_a_step_that_discards_the_sessions_plans_only_makes_them_planned_again(
+        aconn: psycopg.AsyncConnection[Any], fresh_dsn: str) -> None:
+    # DISCARD PLANS is the one thing a step can do to the plans the executor keeps (0020).
+    executor = Executor(config.from_env({}), fresh_dsn)
+    async with await db.connect(fresh_dsn, role="test executor", autocommit=True,
+                                options=executor.connection_options()) as econn:
+        executor.conn = econn
+        cur = await aconn.execute(
+            "SELECT df.start($$DISCARD PLANS$$ ~> $$SELECT 1 AS a$$ ~> $$DISCARD PLANS$$)")
+        row = await cur.fetchone()
+        assert row is not None
+        while await executor.work_once(econn):
+            pass
+        cur = await aconn.execute("SELECT status FROM df.instances WHERE id = %s", (row[0],))
+        assert await cur.fetchone() == ("completed",)

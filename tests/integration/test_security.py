@@ -107,6 +107,7 @@ ESCAPES = {
         'cannot set parameter "session_authorization"'),
     "write_canary": ("UPDATE public.canary SET v = 'pwned'", "permission denied"),
     "internal_function": ("SELECT df._command_start(NULL::df.commands)", "permission denied"),
+    "claim_tasks": ("SELECT * FROM df._tasks_claim('{0}', '{}', '{}', 1)", "permission denied"),
     "runtime_table": ("SELECT * FROM df.tasks", "permission denied"),
     "secrets": ("SELECT * FROM df.secrets", "permission denied"),
     "update_instances": ("UPDATE df.instances SET status = 'cancelled'", "permission denied"),
