@@ -10,10 +10,11 @@
 -- dispatcher calls them too, so each is written once.
 --
 -- Each is planned once, generically, as a key look-up whatever the statistics say
--- (db.KEYED_PLANS, as df._claim_with_mail since 0016): plans kept for the session are made
--- while the tables of a fresh database are tiny, and a sequential scan planned then would stay
--- the plan however much the tables grew. Custom plans (PL/pgSQL's first five, and any later
--- one the planner prefers) would plan again at every call, which is what this removes.
+-- (db.KEYED_PLANS, as df._claim_with_mail since 0016; set on all of them at the end): plans
+-- kept for the session are made while the tables of a fresh database are tiny, and a
+-- sequential scan planned then would stay the plan however much the tables grew. Custom plans
+-- (PL/pgSQL's first five, and any later one the planner prefers) would plan again at every
+-- call, which is what this removes.
 
 -- Claim the oldest p_limit tasks of the given shards. The row lock is the claim: it lasts until
 -- the executor's transaction ends, and a crash releases it. The primary key gives the order and
@@ -24,9 +25,7 @@ CREATE FUNCTION df._tasks_claim(p_shards integer[], p_claimed bigint[], p_carrie
 RETURNS TABLE (id bigint, instance_id text, node_id text, activation bigint, kind text,
                database text, role name, payload json, attempt integer, label text,
                instance_status text)
-LANGUAGE plpgsql VOLATILE
-SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
@@ -53,9 +52,7 @@ RETURNS TABLE (id text, root_node text, status text, label text, vars jsonb, nam
                parent_node text, parent_activation bigint, branch_index integer,
                family_root text, waiters jsonb, database text, role name,
                now timestamptz)
-LANGUAGE plpgsql VOLATILE
-SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
@@ -78,9 +75,7 @@ RETURNS TABLE (instance_id text, id text, node_type text, query text, result_nam
                left_node text, right_node text, parent_node text, "position" integer,
                status text, result_text text, error text, activation bigint,
                status_details jsonb, options jsonb)
-LANGUAGE plpgsql VOLATILE
-SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
@@ -96,9 +91,7 @@ CREATE FUNCTION df._nodes_update_many(p_instance_ids text[], p_ids text[], p_sta
                                       p_results text[], p_errors text[],
                                       p_activations bigint[], p_details jsonb[])
 RETURNS void
-LANGUAGE plpgsql VOLATILE
-SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     UPDATE df.nodes n
     SET status = u.status, result_text = u.result_text, result = u.result_text::jsonb,
@@ -115,9 +108,7 @@ CREATE FUNCTION df._instances_update_many(p_ids text[], p_statuses text[], p_nam
                                           p_inboxes jsonb[], p_execution_counts integer[],
                                           p_seqs bigint[], p_waiters jsonb[])
 RETURNS void
-LANGUAGE plpgsql VOLATILE
-SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     UPDATE df.instances i
     SET status = u.status, names = u.names, inbox = u.inbox,
@@ -136,9 +127,7 @@ END $$;
 -- instance). Tasks an executor holds right now are skipped: their late answers are fenced.
 CREATE FUNCTION df._work_drop_many(p_instance_ids text[], p_node_ids text[])
 RETURNS void
-LANGUAGE plpgsql VOLATILE
-SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     WITH d AS (
         SELECT * FROM unnest(p_instance_ids, p_node_ids) AS d(instance_id, node_id)
@@ -159,9 +148,7 @@ CREATE FUNCTION df._tasks_insert_many(p_instance_ids text[], p_node_ids text[],
                                       p_activations bigint[], p_shards integer[],
                                       p_kinds text[], p_payloads json[])
 RETURNS void
-LANGUAGE plpgsql VOLATILE
-SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     INSERT INTO df.tasks (instance_id, node_id, activation, shard, kind, database,
                           submitted_by, payload)
@@ -178,9 +165,7 @@ CREATE FUNCTION df._tasks_complete_many(p_task_ids bigint[], p_instance_ids text
                                         p_node_ids text[], p_activations bigint[],
                                         p_payloads text[])
 RETURNS void
-LANGUAGE plpgsql VOLATILE
-SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off
-SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     WITH done AS (
         DELETE FROM df.tasks WHERE id = ANY(p_task_ids)
@@ -189,6 +174,23 @@ BEGIN
     SELECT u.instance_id, 'step', u.node_id, u.activation, u.payload
     FROM unnest(p_instance_ids, p_node_ids, p_activations, p_payloads)
          AS u(instance_id, node_id, activation, payload);
+END $$;
+
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+        WHERE p.pronamespace = 'df'::regnamespace
+          AND p.proname IN ('_tasks_claim', '_instances_lock_quiet', '_nodes_load_many',
+                            '_nodes_update_many', '_instances_update_many', '_work_drop_many',
+                            '_tasks_insert_many', '_tasks_complete_many')
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s SET enable_seqscan = off SET enable_hashjoin = off'
+                       ' SET enable_mergejoin = off SET plan_cache_mode = force_generic_plan',
+                       f);
+    END LOOP;
 END $$;
 
 -- The runtime's alone, never granted: 0018's list and the functions above.
