@@ -159,8 +159,8 @@ def _dict_row(names: list[str]) -> Any:
 # over a sequential scan of the whole table, or, without hash joins, a nested loop over one
 # (a plan kept from when the table was tiny read all of it for every row of the batch). Set
 # on connections that run no step of a user (the dispatcher's), for the executor's writes,
-# after its steps (Executor._commit), and on the runtime's PL/pgSQL functions (migrations
-# 0016 and 0020).
+# after its steps (Executor._commit), and on the runtime's PL/pgSQL functions that look rows
+# up (migrations 0017 and 0020).
 KEYED_PLANS = {"enable_hashjoin": "off", "enable_mergejoin": "off", "enable_seqscan": "off"}
 
 

@@ -2,19 +2,21 @@
 --
 -- The executor cannot keep prepared statements: after every step it deallocates all of them
 -- (a step may have prepared its own, df._after_step). So each of its statements was parsed,
--- analysed and planned at every call; in a burst of 3-step workflows that was a third of
--- its backends' CPU. A PL/pgSQL function keeps its statements' plans for the session outside
--- the prepared statements, where a step cannot reach them (it may not call these functions;
--- DISCARD PLANS, the one thing it could do, only makes them planned again). The executor's
--- statements per round (its claims, loads and writes) are therefore these functions; the
--- dispatcher calls them too, so each is written once.
+-- analysed and planned at every call; in a burst of 3-step workflows, parsing, analysing and
+-- planning (the steps' own statements included) took a third of its backends' CPU. A PL/pgSQL
+-- function keeps its statements' plans for the session outside the prepared statements, where
+-- a step cannot reach them (it may not call these functions; DISCARD PLANS, the one thing it
+-- could do, only makes them planned again). The executor's statements per round (its claims,
+-- loads and writes) are therefore these functions; the dispatcher's writes call the same
+-- four (nodes, instances, tasks, dropped work), so each statement is written once.
 --
--- Each is planned once, generically, as a key look-up whatever the statistics say
--- (db.KEYED_PLANS, as df._claim_with_mail since 0016; set on all of them at the end): plans
--- kept for the session are made while the tables of a fresh database are tiny, and a
--- sequential scan planned then would stay the plan however much the tables grew. Custom plans
--- (PL/pgSQL's first five, and any later one the planner prefers) would plan again at every
--- call, which is what this removes.
+-- Each is planned generically, as a key look-up whatever the statistics say (db.KEYED_PLANS,
+-- as df._claim_with_mail since 0017; set on all of them at the end, with a fixed search_path),
+-- and the plan is kept until PostgreSQL invalidates it (an ANALYZE or VACUUM of its tables,
+-- say): a plan made while the tables of a fresh database are tiny must not be a sequential
+-- scan, which would stay the plan however much the tables grew. Custom plans (PL/pgSQL's
+-- first five, and any later one the planner prefers) would plan again at every call, which is
+-- what this removes.
 
 -- Claim the oldest p_limit tasks of the given shards. The row lock is the claim: it lasts until
 -- the executor's transaction ends, and a crash releases it. The primary key gives the order and
@@ -179,6 +181,7 @@ END $$;
 DO $$
 DECLARE
     f regprocedure;
+    v_altered integer := 0;
 BEGIN
     FOR f IN
         SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
@@ -187,10 +190,15 @@ BEGIN
                             '_nodes_update_many', '_instances_update_many', '_work_drop_many',
                             '_tasks_insert_many', '_tasks_complete_many')
     LOOP
-        EXECUTE format('ALTER FUNCTION %s SET enable_seqscan = off SET enable_hashjoin = off'
+        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp'
+                       ' SET enable_seqscan = off SET enable_hashjoin = off'
                        ' SET enable_mergejoin = off SET plan_cache_mode = force_generic_plan',
                        f);
+        v_altered := v_altered + 1;
     END LOOP;
+    IF v_altered <> 8 THEN
+        RAISE EXCEPTION 'expected 8 functions to plan as key look-ups, found %', v_altered;
+    END IF;
 END $$;
 
 -- The runtime's alone, never granted: 0018's list and the functions above.
