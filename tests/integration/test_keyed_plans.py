@@ -222,11 +222,17 @@ async def plans_made(session: psycopg.AsyncConnection[Any], statement: str,
     """How many plans PostgreSQL makes to run `statement` in `session` (debug_print_plan
     sends each one to the client): 1 when only the call itself is planned."""
     plans: list[str] = []
-    session.add_notice_handler(lambda d: plans.append(d.message_primary or ""))
-    await session.execute("SET client_min_messages = log")
-    await session.execute("SET debug_print_plan = on")
-    await session.execute(statement, params)
-    await session.execute("RESET ALL")
+
+    def notice(diagnostic: psycopg.errors.Diagnostic) -> None:
+        plans.append(diagnostic.message_primary or "")
+    session.add_notice_handler(notice)
+    try:
+        await session.execute("SET client_min_messages = log")
+        await session.execute("SET debug_print_plan = on")
+        await session.execute(statement, params)
+        await session.execute("RESET ALL")
+    finally:
+        session.remove_notice_handler(notice)
     return sum(p.startswith("plan:") for p in plans)
 
 
