@@ -70,11 +70,12 @@ A SQL step with a time-out (``df.timeout``) sets its statement_timeout with ``se
 true)`` inside its savepoint: a failure rolls it back with the savepoint, a success sets it
 back to the session's value before the savepoint is released (otherwise the setting would
 outlive the savepoint and hold for the rest of the batch). A QueryCanceled that the executor
-did not ask for and that came once the step had run for its time-out is that time-out: the
-step fails with "statement timeout after Ns" (SQLSTATE 57014). Every failure goes to the
-mailbox with its verdict (``sqlstate``, ``retryable``, ``http_status``, ``error_class``,
-``retry_after``) and the attempt number the engine sent, for the node's retry policy; a 429
-or 503 answer that is a result carries its Retry-After too.
+did not ask for and that came once the step had run for its time-out, or that no cancel of
+ours can explain, is that time-out (`cancel_verdict`): the step fails with "statement
+timeout after Ns" (SQLSTATE 57014). Every failure goes to the mailbox with its verdict
+(``sqlstate``, ``retryable``, ``http_status``, ``error_class``, ``retry_after``) and the
+attempt number the engine sent, for the node's retry policy; a 429 or 503 answer that is a
+result carries its Retry-After too.
 """
 
 from __future__ import annotations
@@ -154,12 +155,38 @@ def _asked(task: dict[str, Any], cancels: list[tuple[str, str]]) -> bool:
 FIRST_EXECUTOR_LEAD = 0.003  # seconds the other executors wait when a NOTIFY wakes them
 CLAIM_GROUP = 16             # tasks claimed together once a batch's first step has run
 TIMEOUT_SLACK = 0.05          # seconds: a cancel this close to the time-out is the time-out
+OUR_CANCEL_LANDS = 5.0        # seconds within which a cancel we sent may still land
 
 
 def step_timeout(payload: dict[str, Any]) -> float | None:
     """The SQL step's time-out in seconds (df.timeout), None when it has none."""
     value = payload.get("timeout_seconds")
     return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def cancel_verdict(*, asked: bool, cut: bool, timeout: float | None, elapsed: float,
+                   since_our_cancel: float) -> str:
+    """What a step's cancelled statement (QueryCanceled, SQLSTATE 57014, for every cause)
+    means: "cancelled" (the step fails with the server's message), "timeout" (its
+    ``df.timeout`` ran out: it fails saying so) or "rerun" (a cancel meant for something
+    else hit it: it is left queued and runs again).
+
+    `asked`: a df.cancel for it; `cut`: its batch was cut short (`Executor._cut_batch`);
+    `timeout`: its time-out in seconds; `elapsed`: seconds since it started;
+    `since_our_cancel`: seconds since the executor last sent a cancel, asked or cut (a
+    cancel lands a moment after it is sent, and may hit the next step instead).
+
+    A step with a time-out that ran for it was timed out. So was one cancelled sooner when no
+    cancel of ours can explain it: the server's timer and our clock need not agree (a CI run
+    saw a 0.5 s time-out reported before the executor had counted 0.45 s)."""
+    if asked:
+        return "cancelled"
+    if cut:
+        return "rerun"   # cut short to commit the batch: it runs again on its own
+    ours = since_our_cancel < OUR_CANCEL_LANDS
+    if timeout is not None and (elapsed >= timeout - TIMEOUT_SLACK or not ours):
+        return "timeout"
+    return "rerun" if ours else "cancelled"
 
 
 def timed_out(seconds: float) -> StepError:
@@ -933,20 +960,19 @@ class Executor(Loop):
         if not self.current or conn is None or conn.closed:
             return
         self.batch_cut = True
+        self.cancel_sent_at = time.monotonic()
         self.cut_request = asyncio.create_task(conn.cancel_safe())
 
     def _cancelled(self, task: dict[str, Any], exc: StepError, started: float,
                    timeout: float | None = None, *, cut: bool) -> Outcome | None:
         """The outcome of a step whose statement was cancelled; `cut`: the batch was cut."""
-        asked = _asked(task, self.cancels)
-        if cut and not asked:
-            return None   # cut short to commit the batch: it runs again on its own
-        if (timeout is not None and not asked
-                and time.monotonic() - started >= timeout - TIMEOUT_SLACK):
-            return self._outcome(task, error=timed_out(timeout), started=started)
-        if not asked and time.monotonic() - self.cancel_sent_at < 5.0:
-            return None   # a cancel meant for another step hit this one: run it again
-        return self._outcome(task, error=exc, started=started)
+        now = time.monotonic()
+        verdict = cancel_verdict(asked=_asked(task, self.cancels), cut=cut, timeout=timeout,
+                                 elapsed=now - started, since_our_cancel=now - self.cancel_sent_at)
+        if verdict == "rerun":
+            return None
+        error = timed_out(timeout) if verdict == "timeout" and timeout is not None else exc
+        return self._outcome(task, error=error, started=started)
 
     async def _enter_step(self, conn: psycopg.AsyncConnection[Any], task: dict[str, Any],
                           *, own_database: bool = True, savepoint: bool = False,
@@ -1145,9 +1171,11 @@ class Executor(Loop):
                     ("0" if timeout is None else f"{max(1, round(timeout * 1000))}ms",))
                 return await self._run_sql_outside(other, task, payload)
         except psycopg.Error as exc:
-            if (isinstance(exc, psycopg.errors.QueryCanceled) and timeout is not None
-                    and time.monotonic() - started >= timeout - TIMEOUT_SLACK):
-                raise timed_out(timeout) from exc
+            if timeout is not None and isinstance(exc, psycopg.errors.QueryCanceled) and \
+                    cancel_verdict(asked=False, cut=False, timeout=timeout,
+                                   elapsed=time.monotonic() - started,
+                                   since_our_cancel=math.inf) == "timeout":
+                raise timed_out(timeout) from exc   # nothing of ours cancels this connection
             # A connection that failed or broke is transient, as are 40001 and 40P01.
             transient = (exc.sqlstate or "").startswith("08") or exc.sqlstate in (
                 "40001", "40P01") or (exc.sqlstate is None and isinstance(
