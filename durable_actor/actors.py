@@ -19,7 +19,7 @@ import secrets
 import zlib
 from collections import defaultdict
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 import structlog
@@ -27,6 +27,7 @@ import structlog
 from durable_actor import engine
 from durable_actor.config import Settings
 from durable_actor.graph import Graph, node_from_row
+from durable_actor.literals import Literals
 from durable_actor.queries import q
 
 
@@ -36,15 +37,6 @@ def shard_of(instance_id: str, shards: int) -> int:
 
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
-
-
-class Statements(Protocol):
-    """Where `Actors.write` sends its statements: a cursor (the dispatcher's, in a pipeline),
-    or the executor's literal statements that go with its COMMIT."""
-
-    async def execute(self, query: Any, params: Any = None) -> Any: ...
-
-    async def fetchall(self) -> list[Any]: ...
 
 
 def message_from_row(row: dict[str, Any], now: datetime) -> engine.Message | None:
@@ -120,16 +112,16 @@ class Actors:
         self.settings = settings
         self.log = log if log is not None else structlog.get_logger()
 
-    async def write(self, cur: Statements, states: dict[str, engine.InstanceState],
+    async def write(self, cur: Literals, states: dict[str, engine.InstanceState],
                     effects: list[tuple[str, engine.Effect]], rows: dict[str, dict[str, Any]],
                     now: datetime) -> None:
         """Answer the join collections, then persist states and effects, through `cur`: the
-        dispatcher's cursor in a pipeline, or the executor's literal statements that go with
-        its COMMIT. Either way, writes that need no answer share one round trip."""
+        dispatcher's or the executor's literal statements, which go with its COMMIT (those
+        whose rows are wanted at once, with the writes before them)."""
         await self._collect_joins(cur, states, effects, now)
         await self._persist(cur, list(states.values()), effects, rows)
 
-    async def _collect_joins(self, cur: Statements,
+    async def _collect_joins(self, cur: Literals,
                              states: dict[str, engine.InstanceState],
                              effects: list[tuple[str, engine.Effect]], now: datetime) -> None:
         """Answer CollectJoin effects with the branches' outcomes, until none is left."""
@@ -153,7 +145,7 @@ class Actors:
             effects.extend(more)
             wanted = [(iid, e) for iid, e in more if isinstance(e, engine.CollectJoin)]
 
-    async def _persist(self, cur: Statements, states: list[engine.InstanceState],
+    async def _persist(self, cur: Literals, states: list[engine.InstanceState],
                        effects: list[tuple[str, engine.Effect]],
                        rows: dict[str, dict[str, Any]]) -> None:
         nodes = [(s.id, s.node(nid)) for s in states for nid in sorted(s.changed)]
@@ -220,7 +212,7 @@ class Actors:
             await cur.execute(q("notify_each"), {"channel": "df_done",
                                                  "payloads": [iid for iid, _ in finished]})
 
-    async def _children(self, cur: Statements,
+    async def _children(self, cur: Literals,
                         effects: list[tuple[str, engine.Effect]],
                         rows: dict[str, dict[str, Any]]) -> None:
         """Spawn, cancel and finish child instances; post messages between family members."""
@@ -278,7 +270,7 @@ class Actors:
                     "payloads": [m[4] for m in mail]})
             await cur.execute("SELECT pg_notify('df_mailbox', '')")
 
-    async def _spawn_rows(self, cur: Statements,
+    async def _spawn_rows(self, cur: Literals,
                           effects: list[tuple[str, engine.Effect]]) -> None:
         """FOREACH: drop finished nodes' stored rows, clear earlier runs' children, and
         start one child per row handed out."""
@@ -308,7 +300,7 @@ class Actors:
             "ids": ids, "parents": [k[0] for k in kids], "roots": [k[1].body for k in kids]})
         await cur.execute("SELECT pg_notify('df_mailbox', '')")
 
-    async def _fresh_ids(self, cur: Statements, count: int) -> list[str]:
+    async def _fresh_ids(self, cur: Literals, count: int) -> list[str]:
         """`count` unused instance ids (8 hex digits, as df.start makes them)."""
         ids: list[str] = []
         while len(ids) < count:

@@ -50,12 +50,13 @@ def needs_reconnect(exc: BaseException, conn: psycopg.AsyncConnection[Any] | Non
     return state.startswith(_RECONNECT_CLASSES) or isinstance(exc, psycopg.InterfaceError)
 
 
-def pipeline(conn: psycopg.AsyncConnection[Any]) -> Any:
-    """Send the statements of the block without waiting for each answer, where libpq can
-    (a fetch inside the block waits for what came before it)."""
-    if psycopg.AsyncPipeline.is_supported():
-        return conn.pipeline()
-    return contextlib.nullcontext()
+async def roll_back(conn: psycopg.AsyncConnection[Any]) -> None:
+    """End, after an error, a transaction that the runtime began with a BEGIN of its own (on
+    an autocommit connection), where the session still has one; the error says what failed."""
+    if not conn.closed and not conn.broken and \
+            conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        with contextlib.suppress(psycopg.Error):
+            await conn.execute("ROLLBACK")
 
 
 async def simple_query(conn: psycopg.AsyncConnection[Any],
@@ -66,7 +67,7 @@ async def simple_query(conn: psycopg.AsyncConnection[Any],
     statements after it did not run.
 
     psycopg's cursor costs about as much Python again per round trip as this; the executor's
-    own round trips go through here.
+    and the dispatcher's own round trips go through here.
     """
     pgconn = conn.pgconn
     encoding = conn.info.encoding

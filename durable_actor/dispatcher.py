@@ -10,12 +10,14 @@ after DOORBELL_RETRY, then after twice as long each time, up to DOORBELL_RETRY_M
 left uncommitted in a long transaction costs the starts committed meanwhile at most that much
 latency.
 
-One batch, one transaction: lock up to `dispatcher_batch` instances that have mail
-(FOR UPDATE SKIP LOCKED, so an actor runs in one place at a time), take their messages and
-load their nodes (one statement), feed the messages through `engine.transition` in mailbox
-order, then write the changed nodes, the instance rows and the effects (tasks, timers,
-dropped work, child instances, messages to other instances; ``actors.py``) before
-committing. A crash anywhere before the commit leaves the mail in place for the next try.
+One batch, one transaction, two round trips: lock up to `dispatcher_batch` instances that
+have mail (FOR UPDATE SKIP LOCKED, so an actor runs in one place at a time), take their
+messages and load their nodes (one statement, sent with BEGIN), feed the messages through
+`engine.transition` in mailbox order, then write the changed nodes, the instance rows and the
+effects (tasks, timers, dropped work, child instances, messages to other instances;
+``actors.py``) with the COMMIT. The statements go with their values as literals, as the
+executor's do (``literals.py``). A crash anywhere before the commit leaves the mail in place
+for the next try.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from durable_actor import actors, db
 from durable_actor.config import Settings
+from durable_actor.literals import Literals, literal
 from durable_actor.loop import Loop
 from durable_actor.queries import q
 
@@ -55,6 +57,8 @@ class Dispatcher(Loop):
     # wake_delay, then takes only mail at least that old (work_once). A busy dispatcher does
     # not wait: it claims again, all mail, as soon as a round found some.
     wake_delay = 0.003
+    autocommit = True  # BEGIN goes with the claim, COMMIT with the writes
+    prepares = False   # its statements go with their values as literals (literals.py)
 
     def connection_options(self) -> dict[str, str]:
         return dict(db.KEYED_PLANS)
@@ -87,23 +91,27 @@ class Dispatcher(Loop):
             await db.simple_query(conn, "SELECT pg_catalog.pg_advisory_unlock(df._doorbell())")
 
     async def work_once(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        # In a pipeline: BEGIN goes with the claim, COMMIT with the last writes.
-        async with db.pipeline(conn), conn.transaction(), \
-                conn.cursor(row_factory=dict_row) as cur:
-            limit = self.settings.dispatcher_batch
-            # Woken from idle by a NOTIFY, after wake_delay: the mail the idle executors left
-            # in that time, none younger (a start committed meanwhile is theirs too).
-            older_than = self.wake_delay if self.woken else 0.0
-            await cur.execute(q("instances_claim_with_mail"),
-                              {"limit": limit, "scan": limit * 2, "older_than": older_than})
-            row = await cur.fetchone()
-            assert row is not None
+        # Two round trips of literal statements: BEGIN with the claim, the writes with COMMIT.
+        limit = self.settings.dispatcher_batch
+        # Woken from idle by a NOTIFY, after wake_delay: the mail the idle executors left
+        # in that time, none younger (a start committed meanwhile is theirs too).
+        older_than = self.wake_delay if self.woken else 0.0
+        try:
+            _, (row,) = await db.simple_query(conn, "BEGIN;\n" + literal(
+                q("instances_claim_with_mail"),
+                {"limit": limit, "scan": limit * 2, "older_than": older_than}))
             claimed, mail, nodes = actors.claimed(row)
             if not claimed:
+                await db.simple_query(conn, "COMMIT")
                 return 0
             states = actors.states(claimed, nodes)
             now: datetime = claimed[0]["now"]
             decided = actors.apply_mail(states, mail, now)
             effects = [(iid, e) for iid, out in decided for e in out]
-            await self.actors.write(cur, states, effects, {r["id"]: r for r in claimed}, now)
+            writes = Literals(lambda statements: db.simple_query(conn, ";\n".join(statements)))
+            await self.actors.write(writes, states, effects, {r["id"]: r for r in claimed}, now)
+            await writes.send("COMMIT")
+        except BaseException:
+            await db.roll_back(conn)
+            raise
         return len(claimed)

@@ -84,7 +84,6 @@ import asyncio
 import contextlib
 import itertools
 import math
-import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -100,9 +99,9 @@ from psycopg.rows import dict_row
 from durable_actor import actors, db, engine, metrics, refs
 from durable_actor.config import Settings
 from durable_actor.errors import StepError
+from durable_actor.literals import Literals, literal
 from durable_actor.loop import Loop
 from durable_actor.queries import q
-from durable_actor.refs import quote_literal
 from durable_actor.steps import http as http_step
 from durable_actor.steps import sql as sql_step
 
@@ -130,7 +129,7 @@ STEP_STATEMENTS = 3 + len(PIPELINED_AFTER_STEP)
 
 def _as_submitter(task: dict[str, Any]) -> str:
     """Set the step's instance id and role for the rest of its savepoint."""
-    return _literal(
+    return literal(
         "SELECT pg_catalog.set_config('df.instance_id', %s::text, true),"
         "       CASE WHEN %s::text IS DISTINCT FROM current_user"
         "            THEN pg_catalog.set_config('role', %s::text, true) END",
@@ -142,7 +141,7 @@ def _as_trusted_submitter(task: dict[str, Any]) -> str:
     when it was looked up last: ``df._as_trusted`` fails unless it still exists and is a
     superuser or the runtime's own role, checked before the role is set; returns
     max_result_bytes."""
-    return _literal("SELECT df._as_trusted(%s::text, %s::text) AS max_bytes",
+    return literal("SELECT df._as_trusted(%s::text, %s::text) AS max_bytes",
                     (task["instance_id"], task["role"]))
 
 
@@ -210,83 +209,6 @@ def _inline_task(instance: dict[str, Any], step: engine.RunStep) -> dict[str, An
 class _Redo(Exception):
     """A round trip that carried a step's EPILOGUE failed: whether that step's savepoint was
     released is unknown, so the whole batch is rolled back and runs again."""
-
-
-def _literal(query: str, params: dict[str, Any] | tuple[Any, ...] | list[Any]) -> str:
-    """`query` with `params` as correctly quoted literals, to go in a multi-statement round
-    trip (which cannot take parameters). Values never come from a step's statement text.
-
-    Placeholders are psycopg's (``%s``, ``%(name)s``, ``%%``); a binary one (``%(name)b``,
-    for the dispatcher's pipeline) is quoted the same way. Every placeholder in the runtime's
-    queries carries a cast, so a value goes as text: a list as the text of an array
-    (`_array_text`), a timestamp in ISO form. About ten times cheaper than psycopg's
-    client-side cursor, which the executor paid for on every statement."""
-    positional = iter(() if isinstance(params, dict) else params)
-
-    def value(m: re.Match[str]) -> str:
-        if m[2] is None:
-            return "%"
-        return _quoted(next(positional) if m[1] is None else params[m[1]])  # type: ignore[index]
-    return _PLACEHOLDER.sub(value, query).rstrip().rstrip(";")
-
-
-_PLACEHOLDER = re.compile(r"%(?:\((\w+)\))?([sb])|%%")
-
-
-def _quoted(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
-        return repr(value) if value >= 0 else f" {value!r}"    # never `--`, a comment
-    if isinstance(value, str):
-        return quote_literal(value)
-    if isinstance(value, list):
-        return quote_literal(_array_text(value))
-    if isinstance(value, datetime):
-        return quote_literal(value.isoformat())
-    raise TypeError(f"no literal for {type(value).__name__}")
-
-
-def _array_text(values: list[Any]) -> str:
-    """A one-dimensional array in PostgreSQL's input syntax: every element double-quoted with
-    its backslashes and double quotes escaped, NULL unquoted. Much faster than psycopg's text
-    dumper, which matches regular expressions per element."""
-    return "{" + ",".join(map(_array_element, values)) + "}"
-
-
-def _array_element(value: Any) -> str:
-    if isinstance(value, datetime):
-        value = value.isoformat()
-    if isinstance(value, str):        # most elements: ids, statuses, JSON texts
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if value is None:
-        return "NULL"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    raise TypeError(f"no array literal for {type(value).__name__}")
-
-
-class _Writes:
-    """A batch's writes as literal statements (`_literal`), to go with its COMMIT in one round
-    trip (`Executor._commit`). A statement whose rows are wanted (`fetchall`: spawning and
-    joining children) goes at once, with those before it. Takes the place of the cursor that
-    `actors.Actors.write` writes with."""
-
-    def __init__(self, executor: Executor, conn: psycopg.AsyncConnection[Any]) -> None:
-        self.executor, self.conn = executor, conn
-        self.pending: list[str] = []
-
-    async def execute(self, query: str, params: Any = None) -> None:
-        self.pending.append(query.rstrip().rstrip(";") if params is None
-                            else _literal(query, params))
-
-    async def fetchall(self) -> list[dict[str, Any]]:
-        statements, self.pending = self.pending, []
-        return (await self.executor._round_trip(self.conn, statements))[-1]
 
 
 @dataclass(frozen=True)
@@ -393,7 +315,7 @@ class Executor(Loop):
         executor leaves the mail to the dispatcher, which takes it in larger batches.
         Returns how many steps ran."""
         async with self._transaction(conn), conn.cursor(row_factory=dict_row) as cur:
-            ((row,),) = await self._round_trip(conn, [_literal(
+            ((row,),) = await self._round_trip(conn, [literal(
                 q("instances_claim_with_mail"),
                 {"limit": CLAIM_GROUP, "scan": CLAIM_GROUP * 2, "older_than": 0.0})])
             claimed, mail, loaded = actors.claimed(row)
@@ -405,7 +327,7 @@ class Executor(Loop):
             effects, ran = await self._carry(
                 conn, cur, rows, states, now, time.monotonic() + self.settings.batch_budget,
                 self.settings.executor_batch, actors.apply_mail(states, mail, now))
-            writes = _Writes(self, conn)
+            writes = self._writes(conn)
             await self.actors.write(writes, states, effects, rows, now)
             await self._commit(conn, writes)
         return ran
@@ -425,7 +347,7 @@ class Executor(Loop):
             done: list[Outcome] = []
             mail: list[Outcome] = []      # outcomes of instances not carried on here
             carried: set[str] = set()     # instances carried on in this batch
-            writes = _Writes(self, conn)  # every write of the batch, with its commit
+            writes = self._writes(conn)  # every write of the batch, with its commit
             shards = self.mine
             deadline = time.monotonic() + self.settings.batch_budget
             while claimed < self.settings.executor_batch and time.monotonic() < deadline:
@@ -487,7 +409,7 @@ class Executor(Loop):
         on in this batch: what the engine decided for those is not written yet (a task it
         dropped is still there). With `steal`, also whether any task is queued at all, in the
         same round trip: an idle executor then does not look over all shards for nothing."""
-        claim = _literal(q("tasks_claim"), {
+        claim = literal(q("tasks_claim"), {
             "shards": shards, "claimed": taken, "carried": sorted(carried), "limit": limit})
         results = await self._round_trip(conn, [claim, q("tasks_queued")] if steal else [claim])
         return results[0], steal and bool(results[1])
@@ -502,16 +424,13 @@ class Executor(Loop):
             yield
         except BaseException:
             self.begin = False
-            if not conn.closed and not conn.broken and \
-                    conn.info.transaction_status != pq.TransactionStatus.IDLE:
-                with contextlib.suppress(psycopg.Error):   # the exception says what failed
-                    await conn.execute("ROLLBACK")
+            await db.roll_back(conn)
             raise
         self.begin = False
         if conn.info.transaction_status != pq.TransactionStatus.IDLE:
             await conn.execute("COMMIT")
 
-    async def _commit(self, conn: psycopg.AsyncConnection[Any], writes: _Writes) -> None:
+    async def _commit(self, conn: psycopg.AsyncConnection[Any], writes: Literals) -> None:
         """A batch's writes and its COMMIT in one round trip (`_round_trip`: headed by the last
         step's EPILOGUE if it is still owed; a failure after it redoes the batch), planned as
         key look-ups (db.KEYED_PLANS: no step runs after them in this transaction)."""
@@ -519,9 +438,14 @@ class Executor(Loop):
         await self._round_trip(conn, [*keyed, *writes.pending, "COMMIT"])
         writes.pending = []
 
+    def _writes(self, conn: psycopg.AsyncConnection[Any]) -> Literals:
+        """Where a batch's writes wait for its COMMIT (`_commit`); those whose rows are
+        wanted go at once, through `_round_trip`."""
+        return Literals(lambda statements: self._round_trip(conn, statements))
+
     async def _round_trip(self, conn: psycopg.AsyncConnection[Any], statements: list[str], *,
                           settle: bool = True) -> list[list[dict[str, Any]]]:
-        """Run `statements` (values as literals: `_literal`) in one round trip, after the
+        """Run `statements` (values as literals: `literal`) in one round trip, after the
         last step's EPILOGUE if it is still owed and `settle` (on the batch's connection `conn`;
         its BEGIN goes first when still to be sent); return each statement's rows.
 
@@ -561,7 +485,7 @@ class Executor(Loop):
     # -- carrying instances on (the engine where the step ran) ---------------------------------
 
     async def _advance(self, conn: psycopg.AsyncConnection[Any], cur: psycopg.AsyncCursor[Any],
-                       done: list[Outcome], carried: set[str], writes: _Writes,
+                       done: list[Outcome], carried: set[str], writes: Literals,
                        deadline: float, steps_left: int) -> tuple[int, list[Outcome]]:
         """Apply finished steps to their instances here, in this transaction, and run the SQL
         steps that follow at once; add what the engine decided to `writes`. Returns how many
@@ -579,8 +503,8 @@ class Executor(Loop):
         """
         ids = sorted({o.task["instance_id"] for o in done} - carried)
         locked, loaded = await self._round_trip(conn, [    # the locks and the nodes
-            _literal(q("instances_lock_quiet"), {"ids": ids}),
-            _literal(q("nodes_load_many"), {"ids": ids})]) if ids else ([], [])
+            literal(q("instances_lock_quiet"), {"ids": ids}),
+            literal(q("nodes_load_many"), {"ids": ids})]) if ids else ([], [])
         rows = {r["id"]: r for r in locked}
         carried.update(rows)
         mail = [o for o in done if o.task["instance_id"] not in rows]
@@ -992,7 +916,7 @@ class Executor(Loop):
         known = self.roles.get(key)
         statements = [f"SAVEPOINT {STEP_SAVEPOINT}"] if savepoint else []
         if known is None:
-            statements.append(_literal(
+            statements.append(literal(
                 "SELECT r.rolsuper OR r.rolname = current_user AS trusted, r.oid AS role_oid,"
                 "       pg_catalog.to_regprocedure(pg_catalog.format("
                 "           'df_exec.%%I(text[], boolean)', 'step_' || r.oid))::pg_catalog.oid"
@@ -1001,7 +925,7 @@ class Executor(Loop):
                 " AS max_bytes FROM pg_catalog.pg_roles r WHERE r.rolname = %s", (task["role"],)))
         statements.append(_as_submitter(task))
         if timeout is not None:
-            statements.append(_literal(
+            statements.append(literal(
                 "SELECT pg_catalog.set_config('statement_timeout', %s::text, true)",
                 (f"{max(1, round(timeout * 1000))}ms",)))
         try:
@@ -1097,7 +1021,7 @@ class Executor(Loop):
         seconds = self.settings.lease_seconds
         if task["kind"] == "http":   # the call may take its whole time-out
             seconds = max(seconds, http_step.timeout_of(task["payload"]) + http_step.LEASE_MARGIN)
-        (rows,) = await self._round_trip(cur.connection, [_literal(
+        (rows,) = await self._round_trip(cur.connection, [literal(
             q("task_lease"),
             {"id": task["id"], "worker": self.worker_id, "seconds": seconds})])
         return int(rows[0]["lease_token"]) if rows else 0

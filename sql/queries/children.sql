@@ -4,7 +4,7 @@
 -- Tasks an executor holds are skipped; the executor removes them when it completes.
 WITH RECURSIVE old(id) AS (
     SELECT c.id
-    FROM unnest(%(parents)b::text[], %(nodes)b::text[], %(activations)b::bigint[])
+    FROM unnest(%(parents)s::text[], %(nodes)s::text[], %(activations)s::bigint[])
          AS u(parent, node, activation)
     JOIN df.instances c ON c.parent_id = u.parent AND c.parent_node = u.node
                        AND c.parent_activation < u.activation
@@ -26,7 +26,7 @@ DELETE FROM df.instances WHERE id IN (SELECT id FROM old);
 
 -- name: children_taken_ids
 -- Which of these fresh ids are in use already (8 hex digits do collide in large tables).
-SELECT id FROM df.instances WHERE id = ANY(%(ids)b::text[]);
+SELECT id FROM df.instances WHERE id = ANY(%(ids)s::text[]);
 
 -- name: children_spawn
 -- One child instance per branch: the parent's role, database, label and variables, the
@@ -38,9 +38,9 @@ WITH spawned AS (
     SELECT u.id, p.label, u.root, 'pending', p.submitted_by, p.database, p.id, u.node,
            u.activation, u.idx, coalesce(p.family_root, p.id), p.transaction_mode, p.vars,
            u.names
-    FROM unnest(%(ids)b::text[], %(parents)b::text[], %(nodes)b::text[],
-                %(activations)b::bigint[], %(indexes)b::int[], %(roots)b::text[],
-                %(names)b::jsonb[]) AS u(id, parent, node, activation, idx, root, names)
+    FROM unnest(%(ids)s::text[], %(parents)s::text[], %(nodes)s::text[],
+                %(activations)s::bigint[], %(indexes)s::int[], %(roots)s::text[],
+                %(names)s::jsonb[]) AS u(id, parent, node, activation, idx, root, names)
     JOIN df.instances p ON p.id = u.parent
     RETURNING id
 )
@@ -54,7 +54,7 @@ INSERT INTO df.nodes (id, instance_id, node_type, query, result_name, left_node,
                       status, submitted_by, database, parent_node, position, options)
 WITH RECURSIVE branch(child, parent, id) AS (
     SELECT u.child, u.parent, u.root
-    FROM unnest(%(ids)b::text[], %(parents)b::text[], %(roots)b::text[]) AS u(child, parent, root)
+    FROM unnest(%(ids)s::text[], %(parents)s::text[], %(roots)s::text[]) AS u(child, parent, root)
     WHERE EXISTS (SELECT 1 FROM df.instances c WHERE c.id = u.child)
     UNION ALL
     SELECT b.child, b.parent, n.id
@@ -81,7 +81,7 @@ SELECT df._cancel_family(ARRAY(
 -- transaction that ends it.
 WITH kept AS (
     UPDATE df.instances i SET output = u.output, exports = u.exports
-    FROM unnest(%(ids)b::text[], %(outputs)b::text[], %(exports)b::text[])
+    FROM unnest(%(ids)s::text[], %(outputs)s::text[], %(exports)s::text[])
          AS u(id, output, exports)
     WHERE i.id = u.id
     RETURNING i.id, i.parent_id, i.parent_node, i.parent_activation
@@ -89,7 +89,7 @@ WITH kept AS (
 INSERT INTO df.mailbox (instance_id, kind, node_id, activation, payload)
 SELECT k.parent_id, 'child', k.parent_node, k.parent_activation, u.payload
 FROM kept k
-JOIN unnest(%(ids)b::text[], %(payloads)b::text[]) AS u(id, payload) ON u.id = k.id;
+JOIN unnest(%(ids)s::text[], %(payloads)s::text[]) AS u(id, payload) ON u.id = k.id;
 
 -- name: children_collect
 -- The outcome of every branch of these JOIN activations, in branch order.
@@ -97,7 +97,7 @@ SELECT c.parent_id, c.parent_node, c.parent_activation, c.branch_index, c.status
        c.exports,
        (SELECT n.error FROM df.nodes n WHERE n.instance_id = c.id AND n.id = c.root_node)
            AS error
-FROM unnest(%(parents)b::text[], %(nodes)b::text[], %(activations)b::bigint[])
+FROM unnest(%(parents)s::text[], %(nodes)s::text[], %(activations)s::bigint[])
      AS u(parent, node, activation)
 JOIN df.instances c ON c.parent_id = u.parent AND c.parent_node = u.node
                    AND c.parent_activation = u.activation
@@ -114,9 +114,9 @@ WITH spawned AS (
            u.activation, u.n - 1, coalesce(p.family_root, p.id), p.transaction_mode, p.vars,
            u.imports || jsonb_build_object(u.name, jsonb_build_object(
                'value', '{"rows":[' || r.row || '],"row_count":1}', 'imported', true))
-    FROM unnest(%(ids)b::text[], %(parents)b::text[], %(nodes)b::text[],
-                %(activations)b::bigint[], %(ns)b::bigint[], %(roots)b::text[],
-                %(row_names)b::text[], %(imports)b::jsonb[])
+    FROM unnest(%(ids)s::text[], %(parents)s::text[], %(nodes)s::text[],
+                %(activations)s::bigint[], %(ns)s::bigint[], %(roots)s::text[],
+                %(row_names)s::text[], %(imports)s::jsonb[])
          AS u(id, parent, node, activation, n, root, name, imports)
     JOIN df.instances p ON p.id = u.parent
     JOIN df.foreach_rows r ON r.instance_id = u.parent AND r.node_id = u.node
@@ -127,5 +127,5 @@ INSERT INTO df.mailbox (instance_id, kind) SELECT id, 'start' FROM spawned;
 
 -- name: foreach_drop_rows
 DELETE FROM df.foreach_rows r
-USING unnest(%(parents)b::text[], %(nodes)b::text[]) AS u(parent, node)
+USING unnest(%(parents)s::text[], %(nodes)s::text[]) AS u(parent, node)
 WHERE r.instance_id = u.parent AND r.node_id = u.node;

@@ -15,21 +15,21 @@ SELECT * FROM df._nodes_load_many(%(ids)s::text[]);
 
 -- name: nodes_update_many
 -- Write back the nodes the engine changed, in one statement (df._nodes_update_many).
-SELECT df._nodes_update_many(%(instance_ids)b::text[], %(ids)b::text[], %(statuses)b::text[],
-                             %(results)b::text[], %(errors)b::text[],
-                             %(activations)b::bigint[], %(details)b::jsonb[]);
+SELECT df._nodes_update_many(%(instance_ids)s::text[], %(ids)s::text[], %(statuses)s::text[],
+                             %(results)s::text[], %(errors)s::text[],
+                             %(activations)s::bigint[], %(details)s::jsonb[]);
 
 -- name: instances_update_many
 -- Write back the instances the engine changed, in one statement (df._instances_update_many).
-SELECT df._instances_update_many(%(ids)b::text[], %(statuses)b::text[], %(names)b::jsonb[],
-                                 %(inboxes)b::jsonb[], %(execution_counts)b::int[],
-                                 %(seqs)b::bigint[], %(waiters)b::jsonb[]);
+SELECT df._instances_update_many(%(ids)s::text[], %(statuses)s::text[], %(names)s::jsonb[],
+                                 %(inboxes)s::jsonb[], %(execution_counts)s::int[],
+                                 %(seqs)s::bigint[], %(waiters)s::jsonb[]);
 
 -- name: mailbox_post_many
 -- Messages between members of a family (signals handed over, waits announced).
 INSERT INTO df.mailbox (instance_id, kind, node_id, activation, payload)
-SELECT * FROM unnest(%(instance_ids)b::text[], %(kinds)b::text[], %(node_ids)b::text[],
-                     %(activations)b::bigint[], %(payloads)b::text[]);
+SELECT * FROM unnest(%(instance_ids)s::text[], %(kinds)s::text[], %(node_ids)s::text[],
+                     %(activations)s::bigint[], %(payloads)s::text[]);
 
 -- name: instances_lock_quiet
 -- An executor carries these instances on where their steps just ran: lock those nobody else

@@ -1,13 +1,13 @@
 -- name: tasks_insert_many
 -- Queue steps (df._tasks_insert_many, migration 0020).
-SELECT df._tasks_insert_many(%(instance_ids)b::text[], %(node_ids)b::text[],
-                             %(activations)b::bigint[], %(shards)b::int[], %(kinds)b::text[],
-                             %(payloads)b::json[]);
+SELECT df._tasks_insert_many(%(instance_ids)s::text[], %(node_ids)s::text[],
+                             %(activations)s::bigint[], %(shards)s::int[], %(kinds)s::text[],
+                             %(payloads)s::json[]);
 
 -- name: work_drop_many
 -- Forget queued tasks and timers nobody waits for any more (node_id NULL: the whole
 -- instance; df._work_drop_many, migration 0020).
-SELECT df._work_drop_many(%(instance_ids)b::text[], %(node_ids)b::text[]);
+SELECT df._work_drop_many(%(instance_ids)s::text[], %(node_ids)s::text[]);
 
 -- name: tasks_claim
 -- Claim the oldest tasks of the given shards, up to the limit, but not those claimed already
@@ -26,9 +26,9 @@ SELECT t.id FROM df.tasks t ORDER BY t.id LIMIT 1;
 -- name: tasks_complete_many
 -- Remove finished tasks and post their outcomes to the instances' mailboxes, committed with
 -- the steps themselves (df._tasks_complete_many, migration 0020).
-SELECT df._tasks_complete_many(%(task_ids)b::bigint[], %(instance_ids)b::text[],
-                               %(node_ids)b::text[], %(activations)b::bigint[],
-                               %(payloads)b::text[]);
+SELECT df._tasks_complete_many(%(task_ids)s::bigint[], %(instance_ids)s::text[],
+                               %(node_ids)s::text[], %(activations)s::bigint[],
+                               %(payloads)s::text[]);
 
 -- name: task_mark_autocommit
 -- The statement cannot run in a transaction block: run it on its own later (at least once).

@@ -1,7 +1,7 @@
 -- name: timers_insert_many
 INSERT INTO df.timers (instance_id, node_id, activation, kind, due_at)
-SELECT * FROM unnest(%(instance_ids)b::text[], %(node_ids)b::text[], %(activations)b::bigint[],
-                     %(kinds)b::text[], %(due_ats)b::timestamptz[]);
+SELECT * FROM unnest(%(instance_ids)s::text[], %(node_ids)s::text[], %(activations)s::bigint[],
+                     %(kinds)s::text[], %(due_ats)s::timestamptz[]);
 
 -- name: timers_pop_due
 -- Move due timers into mailboxes in one round trip; SKIP LOCKED lets timer processes share.

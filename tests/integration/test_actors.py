@@ -59,7 +59,7 @@ async def test_a_dispatcher_woken_for_fresh_mail_leaves_it_to_the_idle_executors
     i = await _one(aconn, WORKFLOW)
     dispatcher = Dispatcher(config.from_env({}), fresh_dsn)
     dispatcher.wake_delay = 3600.0
-    async with await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn:
+    async with await db.connect(fresh_dsn, role="test dispatcher", autocommit=True) as dconn:
         dispatcher.woken = True
         assert await dispatcher.work_once(dconn) == 0
         assert await _one(aconn, "SELECT count(*) FROM df.mailbox WHERE instance_id = %s",
@@ -75,7 +75,7 @@ async def test_a_busy_executor_leaves_mail_to_the_dispatcher(
     ids = [await _one(aconn, WORKFLOW) for _ in range(3)]
     executor, econn = await _executor(fresh_dsn)
     dispatcher = Dispatcher(config.from_env({}), fresh_dsn)
-    dconn = await db.connect(fresh_dsn, role="test dispatcher", prepare=True)
+    dconn = await db.connect(fresh_dsn, role="test dispatcher", autocommit=True)
     async with econn, dconn:
         executor.idle = False                               # its last round had work
         assert await executor.work_once(econn) == 0
@@ -107,7 +107,7 @@ async def _notifications(listener: psycopg.AsyncConnection[Any],
 async def test_a_start_rings_only_a_sleeping_dispatcher(
         fresh_dsn: str, aconn: psycopg.AsyncConnection[Any]) -> None:
     dispatcher = Dispatcher(config.from_env({}), fresh_dsn)
-    async with await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn, \
+    async with await db.connect(fresh_dsn, role="test dispatcher", autocommit=True) as dconn, \
             await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as listener:
         await listener.execute("LISTEN df_mailbox")
         await _one(aconn, WORKFLOW)                          # nobody sleeps: no NOTIFY
@@ -131,7 +131,7 @@ async def test_a_start_in_flight_keeps_the_dispatcher_from_sleeping(
         fresh_dsn: str, aconn: psycopg.AsyncConnection[Any]) -> None:
     """Its mail rang nobody: the dispatcher must not sleep before it sees the commit."""
     dispatcher = Dispatcher(config.from_env({}), fresh_dsn)
-    async with await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn, \
+    async with await db.connect(fresh_dsn, role="test dispatcher", autocommit=True) as dconn, \
             await psycopg.AsyncConnection.connect(fresh_dsn) as starter:
         await starter.execute(WORKFLOW)                      # not committed yet
         assert await dispatcher.going_to_sleep(dconn) is True    # doorbell taken: not held
@@ -149,13 +149,13 @@ async def test_executor_literals_carry_any_text_exactly(
         aconn: psycopg.AsyncConnection[Any]) -> None:
     """The executor sends its writes as literals; arrays of text survive quoting exactly,
     whatever standard_conforming_strings says."""
-    from durable_actor.executor import _literal
+    from durable_actor.literals import literal as _literal
 
     at = datetime(2026, 12, 4, 5, 6, 7, 89, tzinfo=UTC)
     values = ['a', 'b"c', 'd\\e', None, "it's", 'x,y}{', '', 'NULL', 'ü€😀', 'a\nb\tc', '\\"\'']
     for setting in ("on", "off"):
         await aconn.execute(f"SET standard_conforming_strings = {setting}")
-        text = _literal("SELECT %(v)b::text[] AS v, %(n)s::bigint[] AS n, %(s)s::text AS s,"
+        text = _literal("SELECT %(v)s::text[] AS v, %(n)s::bigint[] AS n, %(s)s::text AS s,"
                         " 1-%(i)s::int AS i, %(f)s::float8 AS f, %(b)s::bool AS b,"
                         " %(z)s::text AS z, %(t)s::timestamptz AS t, '100%%' AS pct",
                         {"v": values, "n": [1, None, 2**40], "s": values[-1], "i": -1,
@@ -172,7 +172,7 @@ async def test_a_dispatcher_waits_as_usual_while_another_sleeps_with_the_doorbel
         fresh_dsn: str) -> None:
     """Starts ring the sleeping one, and every dispatcher listens on the same channel."""
     dispatcher = Dispatcher(config.from_env({}), fresh_dsn)
-    async with await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn, \
+    async with await db.connect(fresh_dsn, role="test dispatcher", autocommit=True) as dconn, \
             await psycopg.AsyncConnection.connect(fresh_dsn, autocommit=True) as other:
         await other.execute("SELECT pg_advisory_lock(df._doorbell())")
         assert await dispatcher.going_to_sleep(dconn) is True
@@ -185,7 +185,7 @@ async def test_nodes_are_copied_only_to_children_that_were_made(
     """A FOREACH that hands out a row and fails in one round drops its rows before the spawn:
     foreach_spawn makes no child for that row, and the copy of the body's nodes must not
     insert nodes for it (it did, and the foreign key failed the whole write, every time)."""
-    from durable_actor.executor import _literal
+    from durable_actor.literals import literal as _literal
     from durable_actor.queries import q
 
     parent = await _one(aconn, "SELECT df.start(df.seq('SELECT 1', 'SELECT 2'))")

@@ -4,8 +4,9 @@ A plan kept for a session (a prepared statement of the dispatcher, a PL/pgSQL fu
 is made while the tables of a fresh database are tiny. A sequential scan is then the cheapest
 plan, and it stays the plan when the table has grown to thousands of rows: every claim read
 every instance. These tests let the plans be made on tiny tables, grow the tables, and count
-the sequential scans the runtime's statements make after that (PostgreSQL's own counters of
-the transaction). The same counters show an instance's first update writing no index entry.
+the sequential scans the runtime's statements make after that (PostgreSQL's own counters, of
+the transaction or, for the dispatcher, which commits its rounds, of the table). The same
+counters show an instance's first update writing no index entry.
 """
 
 from __future__ import annotations
@@ -36,6 +37,19 @@ async def start(aconn: psycopg.AsyncConnection[Any], count: int) -> None:
         await aconn.execute(WORKFLOW)
 
 
+async def counters(reader: psycopg.AsyncConnection[Any],
+                   *sessions: psycopg.AsyncConnection[Any]) -> dict[str, tuple[int, int, int]]:
+    """Sequential scans, updates and HOT updates of the df tables so far, with what the
+    (autocommit) `sessions` and `reader` did counted: each reports its counters now, not
+    when it next goes idle a second later."""
+    for session in (*sessions, reader):
+        await session.execute("SELECT pg_stat_force_next_flush()")
+    cur = await reader.execute(
+        "SELECT relname, seq_scan, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
+        " WHERE schemaname = 'df' AND relname = ANY(%s)", (list(TABLES),))
+    return {name: tuple(rest) for name, *rest in await cur.fetchall()}
+
+
 async def seq_scans(session: psycopg.AsyncConnection[Any]) -> dict[str, int]:
     """The sequential scans of the df tables in the session's open transaction so far."""
     cur = await session.execute(
@@ -64,24 +78,21 @@ async def test_the_dispatcher_reads_and_writes_by_key_after_the_tables_grew(
     dispatcher, executor = Dispatcher(settings, fresh_dsn), Executor(settings, fresh_dsn)
     async with await db.connect(fresh_dsn, role="test executor", autocommit=True,
                                 options=executor.connection_options()) as econn, \
-            await db.connect(fresh_dsn, role="test dispatcher", prepare=True,
+            await db.connect(fresh_dsn, role="test dispatcher", autocommit=True,
                              options=dispatcher.connection_options()) as dconn:
         executor.idle, executor.conn = False, econn     # the dispatcher takes the starts
-        for _ in range(10):     # one workflow at a time: its statements are prepared
+        for _ in range(10):     # one workflow at a time: the plans are made and kept
             await start(aconn, 1)
             while await dispatcher.work_once(dconn) + await executor.work_once(econn):
                 pass
         await start(aconn, 400)
-        # One transaction around the rounds (theirs become savepoints), so that its counters
-        # are the rounds' own.
-        await dconn.execute("SELECT 1")
+        before = await counters(aconn, econn, dconn)
         handled = 0
         while took := await dispatcher.work_once(dconn):
             handled += took
-        scans = await seq_scans(dconn)
-        await dconn.commit()
+        after = await counters(aconn, econn, dconn)
     assert handled >= 400
-    assert scans == dict.fromkeys(TABLES, 0)
+    assert {t: after[t][0] - before[t][0] for t in TABLES} == dict.fromkeys(TABLES, 0)
 
 
 async def test_an_idle_executors_look_for_queued_tasks_reads_the_key_not_the_table(
@@ -108,22 +119,20 @@ async def test_an_instances_first_update_writes_no_index_entry(
     # pending -> running is a HOT update: no index of df.instances covers status, in its
     # columns or in its predicate (migration 0019), so only the row changes.
     dispatcher = Dispatcher(config.from_env({}), fresh_dsn)
-    async with await db.connect(fresh_dsn, role="test dispatcher", prepare=True,
+    async with await db.connect(fresh_dsn, role="test dispatcher", autocommit=True,
                                 options=dispatcher.connection_options()) as dconn:
         await start(aconn, 3)
-        await dconn.execute("SELECT 1")     # one transaction: its counters are the rounds'
+        before = await counters(aconn, dconn)
         handled = 0
         while took := await dispatcher.work_once(dconn):
             handled += took
-        cur = await dconn.execute(
-            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
-            " WHERE schemaname = 'df' AND relname = 'instances'")
-        counters = await cur.fetchone()
-        cur = await dconn.execute("SELECT array_agg(DISTINCT status) FROM df.instances")
+        after = await counters(aconn, dconn)
+        cur = await aconn.execute("SELECT array_agg(DISTINCT status) FROM df.instances")
         statuses = await cur.fetchone()
-        await dconn.commit()
     assert handled == 3 and statuses == (["running"],)
-    assert counters == (3, 3)
+    updates, hot = (b - a for a, b in zip(before["instances"][1:], after["instances"][1:],
+                                          strict=True))
+    assert (updates, hot) == (3, 3)
 
 
 def executor_statements(instances: list[str], nodes: list[tuple[str, str]],

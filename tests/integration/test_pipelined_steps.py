@@ -70,7 +70,7 @@ class Run:
         executor, dispatcher = self.executor, self.dispatcher
         async with await db.connect(self.dsn, role="test executor", autocommit=True,
                                     options=executor.connection_options()) as econn, \
-                await db.connect(self.dsn, role="test dispatcher", prepare=True) as dconn:
+                await db.connect(self.dsn, role="test dispatcher", autocommit=True) as dconn:
             executor.idle = mail            # else the dispatcher takes the starts: tasks
             executor.conn = econn           # the connection it cancels a statement on
             for _ in range(100):     # with `mail`, the executor takes the starts first
@@ -269,7 +269,7 @@ async def test_a_batch_carries_its_first_instances_on_before_claiming_more(
         ids.append(row[0])
     async with await db.connect(fresh_dsn, role="test executor", autocommit=True,
                                 options=executor.connection_options()) as econn, \
-            await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn:
+            await db.connect(fresh_dsn, role="test dispatcher", autocommit=True) as dconn:
         while await dispatcher.work_once(dconn):       # the starts: three first-step tasks
             pass
         executor.idle, executor.conn = False, econn
@@ -297,7 +297,7 @@ async def test_a_batch_claims_no_task_of_an_instance_it_carried_on(
     assert row is not None
     async with await db.connect(fresh_dsn, role="test executor", autocommit=True,
                                 options=executor.connection_options()) as econn, \
-            await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn:
+            await db.connect(fresh_dsn, role="test dispatcher", autocommit=True) as dconn:
         while await dispatcher.work_once(dconn):       # the start: the first step's task
             pass
         await aconn.execute(
@@ -380,7 +380,7 @@ async def test_an_executor_whose_shards_are_empty_steals_only_what_is_queued(
     monkeypatch.setattr(db, "simple_query", counted)
     async with await db.connect(fresh_dsn, role="test executor", autocommit=True,
                                 options=executor.connection_options()) as econn, \
-            await db.connect(fresh_dsn, role="test dispatcher", prepare=True) as dconn:
+            await db.connect(fresh_dsn, role="test dispatcher", autocommit=True) as dconn:
         executor.idle, executor.conn = False, econn
         assert await executor.work_once(econn) == 0
         assert len(trips) == 1, trips
