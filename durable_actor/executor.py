@@ -83,7 +83,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -142,7 +141,7 @@ def _as_trusted_submitter(task: dict[str, Any]) -> str:
     superuser or the runtime's own role, checked before the role is set; returns
     max_result_bytes."""
     return literal("SELECT df._as_trusted(%s::text, %s::text) AS max_bytes",
-                    (task["instance_id"], task["role"]))
+                   (task["instance_id"], task["role"]))
 
 
 def _asked(task: dict[str, Any], cancels: list[tuple[str, str]]) -> bool:
@@ -1087,7 +1086,6 @@ class Executor(Loop):
             dsn = make_conninfo(self.dsn, dbname=task["database"])
         payload = task["payload"]
         timeout = step_timeout(payload)
-        started = time.monotonic()
         try:
             async with await db.connect(dsn, role="executor step", autocommit=True) as other:
                 await other.execute(
@@ -1095,11 +1093,9 @@ class Executor(Loop):
                     ("0" if timeout is None else f"{max(1, round(timeout * 1000))}ms",))
                 return await self._run_sql_outside(other, task, payload)
         except psycopg.Error as exc:
-            if timeout is not None and isinstance(exc, psycopg.errors.QueryCanceled) and \
-                    cancel_verdict(asked=False, cut=False, timeout=timeout,
-                                   elapsed=time.monotonic() - started,
-                                   since_our_cancel=math.inf) == "timeout":
-                raise timed_out(timeout) from exc   # nothing of ours cancels this connection
+            if timeout is not None and isinstance(exc, psycopg.errors.QueryCanceled):
+                # Nothing of ours cancels this connection: its time-out did (cancel_verdict).
+                raise timed_out(timeout) from exc
             # A connection that failed or broke is transient, as are 40001 and 40P01.
             transient = (exc.sqlstate or "").startswith("08") or exc.sqlstate in (
                 "40001", "40P01") or (exc.sqlstate is None and isinstance(
