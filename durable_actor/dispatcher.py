@@ -15,9 +15,10 @@ have mail (FOR UPDATE SKIP LOCKED, so an actor runs in one place at a time), tak
 messages and load their nodes (one statement, sent with BEGIN), feed the messages through
 `engine.transition` in mailbox order, then write the changed nodes, the instance rows and the
 effects (tasks, timers, dropped work, child instances, messages to other instances;
-``actors.py``) with the COMMIT. The statements go with their values as literals, as the
-executor's do (``literals.py``). A crash anywhere before the commit leaves the mail in place
-for the next try.
+``actors.py``) with the COMMIT (a write whose answer is needed first, such as a JOIN's
+collection, goes at once with those before it). The statements go with their values as
+literals, as the executor's do (``literals.py``). A crash anywhere before the commit leaves
+the mail in place for the next try.
 """
 
 from __future__ import annotations

@@ -61,8 +61,9 @@ Cancellation
 Executors LISTEN on df_cancel (payload: an instance id, or "instance node"). When the step
 running right now belongs to a cancelled instance or node, the executor cancels its own
 connection's statement. A QueryCanceled that the executor did not ask for *for that step* is
-either a statement timeout (the step fails) or a cancel meant for a step that had just
-finished (the step is left queued and runs again) — never a false failure.
+a statement timeout (the step fails), a cancel meant for a step that had just finished (the
+step is left queued and runs again) or, past that, someone else's (the step fails with the
+server's message): `cancel_verdict`.
 
 Time-outs and retry verdicts
 ----------------------------
@@ -70,9 +71,9 @@ A SQL step with a time-out (``df.timeout``) sets its statement_timeout with ``se
 true)`` inside its savepoint: a failure rolls it back with the savepoint, a success sets it
 back to the session's value before the savepoint is released (otherwise the setting would
 outlive the savepoint and hold for the rest of the batch). A QueryCanceled that the executor
-did not ask for and that came once the step had run for its time-out, or that no cancel of
-ours can explain, is that time-out (`cancel_verdict`): the step fails with "statement
-timeout after Ns" (SQLSTATE 57014). Every failure goes to the mailbox with its verdict
+did not ask for and that came once the step had run for its time-out, or whose message says
+the statement timer fired, is that time-out (`cancel_verdict`): the step fails with
+"statement timeout after Ns" (SQLSTATE 57014). Every failure goes to the mailbox with its verdict
 (``sqlstate``, ``retryable``, ``http_status``, ``error_class``, ``retry_after``) and the
 attempt number the engine sent, for the node's retry policy; a 429 or 503 answer that is a
 result carries its Retry-After too.
@@ -83,6 +84,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -163,7 +165,7 @@ def step_timeout(payload: dict[str, Any]) -> float | None:
 
 
 def cancel_verdict(*, asked: bool, cut: bool, timeout: float | None, elapsed: float,
-                   since_our_cancel: float) -> str:
+                   since_our_cancel: float, says_timeout: bool) -> str:
     """What a step's cancelled statement (QueryCanceled, SQLSTATE 57014, for every cause)
     means: "cancelled" (the step fails with the server's message), "timeout" (its
     ``df.timeout`` ran out: it fails saying so) or "rerun" (a cancel meant for something
@@ -171,20 +173,26 @@ def cancel_verdict(*, asked: bool, cut: bool, timeout: float | None, elapsed: fl
 
     `asked`: a df.cancel for it; `cut`: its batch was cut short (`Executor._cut_batch`);
     `timeout`: its time-out in seconds; `elapsed`: seconds since it started;
-    `since_our_cancel`: seconds since the executor last sent a cancel, asked or cut (a
-    cancel lands a moment after it is sent, and may hit the next step instead).
+    `since_our_cancel`: seconds since the executor last sent a df.cancel (a cancel lands a
+    moment after it is sent, and may hit the next step instead); `says_timeout`: the
+    server's message says its statement timer fired (English messages only: elsewhere the
+    time the step ran decides alone).
 
-    A step with a time-out that ran for it was timed out. So was one cancelled sooner when no
-    cancel of ours can explain it: the server's timer and our clock need not agree (a CI run
-    saw a 0.5 s time-out reported before the executor had counted 0.45 s)."""
+    A step with a time-out that ran for it was timed out; so was one that the server says
+    timed out sooner (a CI run saw a 0.5 s time-out reported before the executor had counted
+    0.45 s)."""
     if asked:
         return "cancelled"
     if cut:
         return "rerun"   # cut short to commit the batch: it runs again on its own
-    ours = since_our_cancel < OUR_CANCEL_LANDS
-    if timeout is not None and (elapsed >= timeout - TIMEOUT_SLACK or not ours):
+    if timeout is not None and (elapsed >= timeout - TIMEOUT_SLACK or says_timeout):
         return "timeout"
-    return "rerun" if ours else "cancelled"
+    return "rerun" if since_our_cancel < OUR_CANCEL_LANDS else "cancelled"
+
+
+def says_timeout(exc: BaseException) -> bool:
+    """Does the server's message of a cancelled statement say its statement timer fired?"""
+    return "due to statement timeout" in str(exc)
 
 
 def timed_out(seconds: float) -> StepError:
@@ -883,7 +891,6 @@ class Executor(Loop):
         if not self.current or conn is None or conn.closed:
             return
         self.batch_cut = True
-        self.cancel_sent_at = time.monotonic()
         self.cut_request = asyncio.create_task(conn.cancel_safe())
 
     def _cancelled(self, task: dict[str, Any], exc: StepError, started: float,
@@ -891,7 +898,8 @@ class Executor(Loop):
         """The outcome of a step whose statement was cancelled; `cut`: the batch was cut."""
         now = time.monotonic()
         verdict = cancel_verdict(asked=_asked(task, self.cancels), cut=cut, timeout=timeout,
-                                 elapsed=now - started, since_our_cancel=now - self.cancel_sent_at)
+                                 elapsed=now - started, since_our_cancel=now - self.cancel_sent_at,
+                                 says_timeout=says_timeout(exc))
         if verdict == "rerun":
             return None
         error = timed_out(timeout) if verdict == "timeout" and timeout is not None else exc
@@ -1086,6 +1094,7 @@ class Executor(Loop):
             dsn = make_conninfo(self.dsn, dbname=task["database"])
         payload = task["payload"]
         timeout = step_timeout(payload)
+        started = time.monotonic()
         try:
             async with await db.connect(dsn, role="executor step", autocommit=True) as other:
                 await other.execute(
@@ -1093,8 +1102,10 @@ class Executor(Loop):
                     ("0" if timeout is None else f"{max(1, round(timeout * 1000))}ms",))
                 return await self._run_sql_outside(other, task, payload)
         except psycopg.Error as exc:
-            if timeout is not None and isinstance(exc, psycopg.errors.QueryCanceled):
-                # Nothing of ours cancels this connection: its time-out did (cancel_verdict).
+            if timeout is not None and isinstance(exc, psycopg.errors.QueryCanceled) and \
+                    cancel_verdict(asked=False, cut=False, timeout=timeout,
+                                   elapsed=time.monotonic() - started, since_our_cancel=math.inf,
+                                   says_timeout=says_timeout(exc)) == "timeout":
                 raise timed_out(timeout) from exc
             # A connection that failed or broke is transient, as are 40001 and 40P01.
             transient = (exc.sqlstate or "").startswith("08") or exc.sqlstate in (

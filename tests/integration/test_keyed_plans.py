@@ -1,6 +1,6 @@
 """The runtime's look-ups stay key look-ups however much a table grew since they were planned.
 
-A plan kept for a session (a prepared statement of the dispatcher, a PL/pgSQL function's plan)
+A plan kept for a session (a PL/pgSQL function's plan, a prepared statement)
 is made while the tables of a fresh database are tiny. A sequential scan is then the cheapest
 plan, and it stays the plan when the table has grown to thousands of rows: every claim read
 every instance. These tests let the plans be made on tiny tables, grow the tables, and count
@@ -81,7 +81,7 @@ async def test_the_dispatcher_reads_and_writes_by_key_after_the_tables_grew(
             await db.connect(fresh_dsn, role="test dispatcher", autocommit=True,
                              options=dispatcher.connection_options()) as dconn:
         executor.idle, executor.conn = False, econn     # the dispatcher takes the starts
-        for _ in range(10):     # one workflow at a time: the plans are made and kept
+        for _ in range(10):     # one workflow at a time: the functions' plans are made
             await start(aconn, 1)
             while await dispatcher.work_once(dconn) + await executor.work_once(econn):
                 pass
