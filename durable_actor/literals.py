@@ -29,13 +29,13 @@ def literal(query: str, params: dict[str, Any] | tuple[Any, ...] | list[Any]) ->
     positional = iter(() if isinstance(params, dict) else params)
 
     def value(m: re.Match[str]) -> str:
-        if m[2] is None:
+        if m[0] == "%%":
             return "%"
         return quoted(next(positional) if m[1] is None else params[m[1]])  # type: ignore[index]
     return PLACEHOLDER.sub(value, query).rstrip().rstrip(";")
 
 
-PLACEHOLDER = re.compile(r"%(?:\((\w+)\))?(s)|%%")
+PLACEHOLDER = re.compile(r"%(?:\((\w+)\))?s|%%")
 
 
 def quoted(value: Any) -> str:
