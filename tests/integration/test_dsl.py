@@ -190,6 +190,57 @@ def test_a_large_graph_is_embedded_as_it_is(conn: Conn) -> None:
     assert json.loads(named)["result_name"] == "b"
 
 
+def known_nodes(conn: Conn) -> list[str]:
+    """The canonical texts this session's composers embed as they are (0021), newest first."""
+    text = one(conn, "SELECT coalesce(current_setting('df.known_nodes', true), '')")
+    return [t for t in text.split("\x01") if t]
+
+
+def test_a_node_text_canonicalised_once_is_embedded_as_it_is(conn: Conn) -> None:
+    inner = graph(conn, "'SELECT 1' ~> 'SELECT 2'")
+    assert known_nodes(conn) == []              # our own output is not parsed to be made
+    expected = dumps(node("THEN", left_node=node("THEN", left_node=A, right_node=B),
+                          right_node=C))
+    assert graph(conn, "'SELECT 1' ~> 'SELECT 2' ~> 'SELECT 3'") == expected
+    assert known_nodes(conn) == [inner]         # canonicalised once, then known
+    assert graph(conn, "'SELECT 1' ~> 'SELECT 2' ~> 'SELECT 3'") == expected
+    assert known_nodes(conn) == [inner]
+    # The same node written otherwise is still parsed, and comes out canonical.
+    spaced = json.dumps(json.loads(inner), indent=1)
+    assert graph(conn, f"{sql.quote(spaced)} ~> 'SELECT 3'") == expected
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="Invalid Durofut JSON"):
+        graph(conn, "'{\"node_type\":\"THEN\",\"left_node\":1}' ~> 'SELECT 3'")
+
+
+def test_known_nodes_stay_bounded(conn: Conn) -> None:
+    for i in range(300):
+        graph(conn, f"('SELECT {i}' ~> 'SELECT 2') ~> 'SELECT 3'")
+    known = known_nodes(conn)
+    assert 10 < len(known) < 300
+    assert known[0] == dumps(node("THEN", left_node=SQL("SELECT 299"), right_node=B))
+    assert len("\x01".join(known).encode()) < 8192 + 1024
+
+
+def test_a_forged_known_node_gets_no_further_than_df_start(conn: Conn) -> None:
+    # Any role may set df.known_nodes: the composers then embed the forged text as it is,
+    # and df.start, which validates every graph, refuses it before anything is written.
+    forged = '{"node_type":"SQL","query":1}'
+    conn.execute("SELECT set_config('df.known_nodes', %s, false)", (forged + "\x01",))
+    text = graph(conn, f"{sql.quote(forged)} ~> 'SELECT 2'")
+    assert text == '{"node_type":"THEN","left_node":' + forged + ',"right_node":' + dumps(B) + "}"
+    before = one(conn, "SELECT count(*) FROM df.instances")
+    with pytest.raises(psycopg.Error, match="query must be a string"):
+        conn.execute("SELECT df.start(%s)", (text,))
+    assert one(conn, "SELECT count(*) FROM df.instances") == before
+    # Text that is not a node's is never taken for a known one.
+    conn.execute("SELECT set_config('df.known_nodes', %s, false)", ("SELECT 9\x01",))
+    assert json.loads(graph(conn, "'SELECT 9' ~> 'SELECT 2'"))["left_node"] == SQL("SELECT 9")
+    conn.execute("SELECT set_config('df.known_nodes', %s, false)",
+                 (dumps(A) + "\x01" + dumps(B) + "\x01",))
+    two = dumps(A) + "\x01" + dumps(B)           # two known texts, as they sit there
+    assert json.loads(graph(conn, f"{sql.quote(two)} ~> 'SELECT 2'"))["left_node"] == SQL(two)
+
+
 def test_result_name_replaces_only_the_outer_name(conn: Conn) -> None:
     inner = "('SELECT 1' ~> ('SELECT 2' |=> 'inner'))"
     text = graph(conn, f"{inner} |=> 'outer'")
